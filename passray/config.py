@@ -1,0 +1,249 @@
+"""Typed run configuration, loaded from YAML plus ``--set key=value`` overrides.
+
+One ``Config`` object describes a whole run (data, backbone, budget, method, search,
+fine-tune, Ray and MLflow settings), so the same file drives ``passray.prune``,
+``passray.train`` and ``passray.tune``. Unknown keys and bad values raise
+``ConfigError`` whose one-line message names the dotted key.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+__all__ = [
+    "BudgetConfig",
+    "Config",
+    "ConfigError",
+    "DataConfig",
+    "HypernetConfig",
+    "ModelConfig",
+    "OptimConfig",
+    "PromptConfig",
+    "TrackingConfig",
+    "TrainConfig",
+    "TuneConfig",
+    "apply_overrides",
+    "describe_keys",
+    "load_config",
+]
+
+
+class ConfigError(ValueError):
+    """A user-facing configuration problem; the message names the offending key."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Section):
+    name: str = Field("digits", description="dataset: digits | synthetic | cifar10 | cifar100 | imagefolder")
+    root: str | None = Field(None, description="dataset root (cifar: torchvision root; imagefolder: folder or .tar.gz with train/ and test/ or val/)")
+    image_size: int | None = Field(None, gt=0, description="resize images to this side; None keeps the dataset's own (digits: 32)")
+    val_fraction: float = Field(0.1, gt=0, lt=1, description="part of train held out for every decision; test is only reported")
+    classes: list[int] | None = Field(None, description="keep only these labels (remapped to 0..k-1): downstream and transfer splits")
+    limit_train: int | None = Field(None, gt=0, description="cap on training samples, for smoke runs")
+    batch_size: int = Field(128, gt=0, description="per-worker training batch")
+    eval_batch_size: int = Field(512, gt=0, description="evaluation batch; larger is faster and changes nothing")
+    augment: bool = Field(True, description="random crop (pad 4) + horizontal flip, done on the device")
+    num_samples: int = Field(512, gt=0, description="synthetic only: images per split")
+    seed: int = Field(0, description="seed of the train/val split, fixed so every method sees the same split")
+
+
+class ModelConfig(_Section):
+    arch: str = Field("resnet18", description="backbone: a passray name (convnet, resnet8), a torchvision name, or timm:<name>")
+    cifar_stem: bool = Field(True, description="stride-1 stem without max-pool, for 32x32 inputs")
+    weights: str | None = Field(None, description="None (random init), 'hub' (pretrained download), a .safetensors/.pth path")
+    width: float = Field(1.0, gt=0, description="width multiplier for passray's own small backbones")
+
+
+class BudgetConfig(_Section):
+    kind: Literal["macs", "params"] = Field("macs", description="what the budget counts")
+    keep_ratio: float = Field(0.5, gt=0, lt=1, description="fraction of the dense network's MACs/params to keep")
+    allocation: Literal["global", "uniform"] = Field("global", description="one threshold over all groups, or the same keep fraction per group")
+    min_channels: int = Field(1, ge=1, description="every group keeps at least this many channels")
+    round_to: int = Field(1, ge=1, description="kept widths are rounded up to a multiple of this (8 suits tensor cores)")
+
+
+class PromptConfig(_Section):
+    kind: Literal["none", "pad", "patch", "full"] = Field("pad", description="visual prompt added to every normalised image")
+    size: int = Field(4, ge=1, description="pad: border width; patch: side of the corner patch; ignored for full/none")
+
+
+class HypernetConfig(_Section):
+    hidden_size: int = Field(64, gt=0, description="LSTM hidden size H")
+    recurrent: bool = Field(True, description="False: an MLP per group instead of the LSTM (ablation)")
+    stats_length: int = Field(16, ge=2, description="each per-channel statistic is resampled to this many points")
+    temperature: float = Field(0.5, gt=0, description="straight-through sigmoid temperature at the start of search")
+    temperature_final: float | None = Field(0.1, gt=0, description="annealed to this by the end of search; None keeps it fixed")
+    magnitude_prior: bool = Field(True, description="bias scores with standardised L1 magnitudes so search starts near global L1")
+
+
+class OptimConfig(_Section):
+    epochs: int = Field(1, ge=0, description="passes over the training split")
+    lr: float = Field(0.01, gt=0, description="peak learning rate")
+    optimizer: Literal["sgd", "adamw"] = Field("sgd", description="SGD with Nesterov momentum, or AdamW")
+    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum")
+    weight_decay: float = Field(5e-4, ge=0, description="decoupled for AdamW, L2 for SGD")
+    schedule: Literal["cosine", "constant"] = Field("cosine", description="learning-rate schedule over the epochs")
+    label_smoothing: float = Field(0.0, ge=0, lt=1, description="cross-entropy label smoothing")
+
+
+class TrainConfig(_Section):
+    num_workers: int = Field(0, ge=0, description="Ray Train workers; 0 runs the engine in-process (no DDP)")
+    use_gpu: bool = Field(False, description="one GPU per worker, NCCL; CPU workers use gloo")
+    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs Ray reserves for each worker")
+    storage_path: str = Field("ray_results", description="Ray storage (local dir, NFS or s3://); shared by all nodes on a cluster")
+    name: str | None = Field(None, description="run name; re-running the same (storage_path, name) resumes")
+    max_failures: int = Field(0, ge=-1, description="worker-group restarts from the last checkpoint (-1: unlimited)")
+    checkpoints_to_keep: int = Field(2, ge=1, description="newest checkpoints kept on storage")
+    fail_at_step: int | None = Field(None, ge=0, description="fault injection: the worker dies once at this global step (tests, demos)")
+
+
+class TuneConfig(_Section):
+    name: str = Field("passray-tune", description="experiment name (Tune dir and MLflow parent run)")
+    num_samples: int = Field(4, ge=1, description="number of trials")
+    objective: Literal["single", "multi"] = Field("single", description="single: max val accuracy with ASHA; multi: accuracy vs MACs Pareto front")
+    max_concurrent_trials: int | None = Field(None, ge=1, description="None: derived from cluster CPUs/GPUs and per-trial resources")
+    cpus_per_trial: float = Field(1.0, gt=0, description="CPUs reserved by a trial's driver when it runs the engine in-process")
+    grace_period: int = Field(1, ge=1, description="ASHA: epochs before a trial may be stopped")
+    reduction_factor: int = Field(2, ge=2, description="ASHA: keep 1/reduction_factor of trials at each rung")
+    max_trial_failures: int = Field(1, ge=0, description="retries of a failed trial")
+    space: dict[str, dict[str, Any]] = Field(default_factory=dict, description="dotted config key -> {type: int|uniform|loguniform|choice, low, high, values}")
+
+
+class TrackingConfig(_Section):
+    uri: str | None = Field(None, description="MLflow tracking URI; None: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db")
+    experiment: str = Field("passray", description="MLflow experiment name")
+    register_best: bool = Field(True, description="register the best hypernet and structure in the model registry")
+
+
+class Config(_Section):
+    method: str = Field("pass", description="pass, or a baseline: l1 | l2 | taylor | random | bn_scale")
+    seed: int = Field(0, description="seed for init, shuffling and random scores")
+    device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
+    amp: bool = Field(False, description="bf16 autocast on CUDA (ignored on CPU)")
+    channels_last: bool = Field(False, description="channels_last memory format on CUDA")
+    output_dir: str = Field("outputs/run", description="where structure.json, weights and hypernet are written")
+    bn_recalibration_batches: int = Field(20, ge=0, description="train batches used to re-estimate BN statistics under the masks")
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    budget: BudgetConfig = Field(default_factory=BudgetConfig)
+    prompt: PromptConfig = Field(default_factory=PromptConfig)
+    hypernet: HypernetConfig = Field(default_factory=HypernetConfig)
+    pretrain: OptimConfig = Field(default_factory=lambda: OptimConfig(epochs=0, lr=0.1), description="dense training before pruning (in-house checkpoint)")
+    search: OptimConfig = Field(default_factory=lambda: OptimConfig(epochs=2, lr=3e-3, optimizer="adamw", weight_decay=0.0), description="PASS joint search of hypernet, prompt encoder, prompt and head")
+    finetune: OptimConfig = Field(default_factory=lambda: OptimConfig(epochs=2, lr=0.01), description="training of the masked subnetwork")
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    tune: TuneConfig = Field(default_factory=TuneConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, value: str) -> str:
+        from passray.importance import available_importances  # late: importance imports torch
+
+        known = ["pass", *available_importances()]
+        if value not in known:
+            raise ValueError(f"unknown method {value!r}; choose one of {', '.join(known)}")
+        return value
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def flat(self) -> dict[str, Any]:
+        """Dotted keys -> scalar values (MLflow params, result tables)."""
+        return dict(_flatten(self.to_dict()))
+
+
+def _flatten(tree: dict[str, Any], prefix: str = ""):
+    for key, value in tree.items():
+        if isinstance(value, dict) and value and key != "space":
+            yield from _flatten(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
+def _format_error(err: ValidationError) -> str:
+    first = err.errors()[0]
+    key = ".".join(str(p) for p in first["loc"]) or "<root>"
+    msg = first["msg"]
+    if first["type"] == "extra_forbidden":
+        msg = "unknown key"
+    elif "input" in first and first["type"] != "missing" and not isinstance(first["input"], dict):
+        msg = f"{msg} (got {first['input']!r})"
+    return f"config key '{key}': {msg}"
+
+
+def validate(tree: dict[str, Any]) -> Config:
+    """Dict -> Config, turning pydantic's report into a one-line ``ConfigError``."""
+    if not isinstance(tree, dict):
+        raise ConfigError(f"config must be a mapping, got {type(tree).__name__}")
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(_format_error(err)) from None
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"config key '{dotted}': '{part}' is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def apply_overrides(tree: dict[str, Any], overrides: list[str] | None) -> dict[str, Any]:
+    """Apply ``key=value`` strings (values parsed as YAML) to a copy of ``tree``."""
+    tree = copy.deepcopy(tree)
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"--set expects key=value, got {item!r}")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw != "" else None
+        except yaml.YAMLError:
+            value = raw
+        _set_dotted(tree, key.strip(), value)
+    return tree
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                base: dict[str, Any] | None = None) -> Config:
+    """Read YAML (or start from ``base``/defaults), apply overrides, validate."""
+    tree: dict[str, Any] = copy.deepcopy(base) if base else {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as err:
+            line = getattr(getattr(err, "problem_mark", None), "line", None)
+            where = f" line {line + 1}" if line is not None else ""
+            raise ConfigError(f"config file {path}{where}: invalid YAML") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path}: top level must be a mapping")
+        tree.update(loaded or {})
+    return validate(apply_overrides(tree, overrides))
+
+
+def describe_keys(section: BaseModel | None = None, prefix: str = "") -> list[str]:
+    """One line per configurable key with its default and reason (for ``--help``)."""
+    section = Config() if section is None else section
+    lines = []
+    for name, field in type(section).model_fields.items():
+        value = getattr(section, name)
+        if isinstance(value, BaseModel):
+            lines.extend(describe_keys(value, f"{prefix}{name}."))
+        else:
+            lines.append(f"  {prefix}{name} = {value!r}: {field.description or ''}")
+    return lines

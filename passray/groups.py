@@ -1,0 +1,224 @@
+"""Prunable channel groups (from Torch-Pruning), channel gates, and exact costs under masks.
+
+A *group* is a set of coupled channels: a conv's out-channels, its BN, the next layers'
+in-channels, and every layer tied to the same residual stream or concat. Torch-Pruning's
+``DependencyGraph`` finds them for any traceable CNN, so nothing here knows about ResNets.
+
+Masks (one 0/1 vector per group) are applied by *gates*: forward hooks that multiply the
+output of every module whose output channels belong to a group and that could turn a
+zero channel into a non-zero one (norm layers, bias-carrying convs/linears). That makes
+the masked network compute exactly what the physically pruned one computes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+import torch_pruning as tp
+
+from passray._cost import CostModel, LayerShape, trace_layer_shapes
+
+__all__ = ["ChannelGroup", "ChannelGroups", "count_macs_params"]
+
+_NORMS = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm, nn.modules.instancenorm._InstanceNorm)
+_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+
+
+@dataclass
+class GroupItem:
+    """One module dimension that a group's channels control."""
+
+    module: str
+    dim: str  # "out" or "in" (depthwise convs and norms count as "out")
+    idxs: torch.Tensor  # indices in that module's dimension
+    root_idxs: torch.Tensor  # the group channel each index comes from
+
+
+@dataclass
+class ChannelGroup:
+    name: str  # root module name: stable, readable, used as the key in structure.json
+    width: int
+    items: list[GroupItem] = field(default_factory=list)
+    tp_group: object = field(default=None, repr=False)  # Torch-Pruning's Group (live model only)
+
+
+def _is_depthwise(module: nn.Module) -> bool:
+    return isinstance(module, nn.Conv2d) and module.groups == module.in_channels == module.out_channels > 1
+
+
+def _needs_gate(module: nn.Module, dim: str) -> bool:
+    """Gate outputs that could be non-zero for a zero input channel."""
+    if dim != "out":
+        return False
+    if isinstance(module, _NORMS):
+        return True
+    return isinstance(module, _LAYERS) and getattr(module, "bias", None) is not None
+
+
+class ChannelGroups:
+    """The prunable groups of one live model, its gates and its cost model.
+
+    Build once per model instance: the Torch-Pruning groups hold references to its modules.
+    """
+
+    def __init__(self, model: nn.Module, example_input: torch.Tensor,
+                 ignored_layers: Sequence[nn.Module] = ()) -> None:
+        self.model = model
+        self.input_shape = tuple(example_input.shape[1:])
+        was_training = model.training
+        model.eval()
+        self.dg = tp.DependencyGraph().build_dependency(model, example_inputs=example_input, verbose=False)
+        names = {m: n for n, m in model.named_modules()}
+        order = {n: i for i, n in enumerate(names.values())}
+        raw = self.dg.get_all_groups(ignored_layers=list(ignored_layers), root_module_types=[nn.Conv2d, nn.Linear])
+        self.groups: list[ChannelGroup] = []
+        for tp_group in raw:
+            group = self._convert(tp_group, names)
+            if group is not None:
+                self.groups.append(group)
+        if not self.groups:
+            raise ValueError(f"no prunable channel groups found in {type(model).__name__}")
+        self.groups.sort(key=lambda g: order[g.name])  # network order, for the LSTM
+        shapes = trace_layer_shapes(model, example_input)
+        model.train(was_training)
+        self.cost = CostModel.build(model, shapes, self.groups)
+        self._gates: _Gates | None = None  # hooks exist only while masks are set
+
+    @staticmethod
+    def _convert(tp_group, names: dict[nn.Module, str]) -> ChannelGroup | None:
+        root = tp_group[0].dep.target.module
+        width = len(tp_group[0].idxs)
+        if root not in names or width < 2:
+            return None
+        group = ChannelGroup(name=names[root], width=width, tp_group=tp_group)
+        dg = tp_group._DG
+        for item in tp_group.items:
+            module = item.dep.target.module
+            if module not in names or not isinstance(module, nn.Module):
+                continue  # functional ops (add, cat, ...) carry no parameters
+            is_out = dg.is_out_channel_pruning_fn(item.dep.handler)
+            dim = "out" if is_out or _is_depthwise(module) or isinstance(module, _NORMS) else "in"
+            group.items.append(GroupItem(names[module], dim, torch.as_tensor(item.idxs, dtype=torch.long),
+                                         torch.as_tensor(item.root_idxs, dtype=torch.long)))
+        return group
+
+    # ------------------------------------------------------------------ description
+    @property
+    def widths(self) -> list[int]:
+        return [g.width for g in self.groups]
+
+    @property
+    def names(self) -> list[str]:
+        return [g.name for g in self.groups]
+
+    def __len__(self) -> int:
+        return len(self.groups)
+
+    def module(self, name: str) -> nn.Module:
+        return self.model.get_submodule(name)
+
+    def root_weights(self, group: ChannelGroup) -> list[tuple[nn.Module, torch.Tensor, torch.Tensor]]:
+        """(module, idxs, root_idxs) for every module whose out-channels the group owns."""
+        return [(self.module(it.module), it.idxs, it.root_idxs) for it in group.items if it.dim == "out"]
+
+    # ------------------------------------------------------------------ masks
+    def full_masks(self, device: torch.device | str = "cpu") -> list[torch.Tensor]:
+        return [torch.ones(g.width, device=device) for g in self.groups]
+
+    def set_masks(self, masks: Sequence[torch.Tensor] | None) -> None:
+        """Gate the live model with one mask per group (None removes the effect)."""
+        if masks is not None:
+            if len(masks) != len(self.groups):
+                raise ValueError(f"expected {len(self.groups)} masks, got {len(masks)}")
+            for g, m in zip(self.groups, masks):
+                if m.shape != (g.width,):
+                    raise ValueError(f"mask for group {g.name!r} has shape {tuple(m.shape)}, expected ({g.width},)")
+        if masks is None:
+            self.remove_gates()
+            return
+        if self._gates is None:
+            self._gates = _Gates(self.model, self.groups)
+        self._gates.masks = list(masks)
+
+    def remove_gates(self) -> None:
+        if self._gates is not None:
+            self._gates.remove()
+            self._gates = None
+
+    def kept_counts(self, masks: Sequence[torch.Tensor]) -> torch.Tensor:
+        return torch.stack([(m > 0.5).sum() for m in masks]).to(torch.float64)
+
+    def cost_ratio(self, masks: Sequence[torch.Tensor], kind: str = "macs") -> float:
+        kept = self.kept_counts(masks).cpu()
+        return float(self.cost.cost(kept[None], kind)[0] / self.cost.dense(kind))
+
+    # ------------------------------------------------------------------ physical pruning
+    def prune(self, masks: Sequence[torch.Tensor]) -> None:
+        """Remove masked channels from the live model in place (gates are removed first)."""
+        self.remove_gates()
+        for group, mask in zip(self.groups, masks):
+            drop = torch.nonzero(mask.detach().cpu() < 0.5).flatten().tolist()
+            if drop:
+                group.tp_group.prune(idxs=drop)
+
+    def pruning_history(self) -> list:
+        return [[name, bool(is_out), [int(i) for i in idxs]] for name, is_out, idxs in self.dg.pruning_history()]
+
+
+class _Gates:
+    """Forward hooks that multiply module outputs by their group's current mask."""
+
+    def __init__(self, model: nn.Module, groups: list[ChannelGroup]) -> None:
+        self.masks: list[torch.Tensor] | None = None
+        plan: dict[str, list[tuple[int, torch.Tensor, torch.Tensor]]] = {}
+        for gi, group in enumerate(groups):
+            for it in group.items:
+                if _needs_gate(model.get_submodule(it.module), it.dim):
+                    plan.setdefault(it.module, []).append((gi, it.idxs, it.root_idxs))
+        self.handles = [model.get_submodule(name).register_forward_hook(self._hook(entries))
+                        for name, entries in plan.items()]
+
+    def _hook(self, entries: list[tuple[int, torch.Tensor, torch.Tensor]]):
+        gi0, idxs0, root0 = entries[0]
+        identity = len(entries) == 1 and torch.equal(idxs0, root0) and torch.equal(idxs0, torch.arange(len(idxs0)))
+        on_device: dict[torch.device, list[tuple[int, torch.Tensor, torch.Tensor]]] = {}
+
+        def hook(module: nn.Module, args, out: torch.Tensor) -> torch.Tensor:
+            if self.masks is None:
+                return out
+            dim = -1 if isinstance(module, (nn.Linear, nn.LayerNorm)) else 1
+            if identity and out.shape[dim] == len(idxs0):
+                mask = self.masks[gi0]
+            else:  # channels from several groups (after a concat) or re-indexed ones
+                device = self.masks[gi0].device
+                if device not in on_device:
+                    on_device[device] = [(gi, i.to(device), r.to(device)) for gi, i, r in entries]
+                mask = torch.ones(out.shape[dim], device=device, dtype=self.masks[gi0].dtype)
+                for gi, idxs, root_idxs in on_device[device]:
+                    mask = mask.index_put((idxs,), self.masks[gi][root_idxs])
+            shape = [1] * out.dim()
+            shape[dim] = -1
+            return out * mask.to(out.dtype).view(shape)
+
+        return hook
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+        self.masks = None
+
+
+def count_macs_params(model: nn.Module, example_input: torch.Tensor) -> tuple[float, float]:
+    """MACs of conv/linear layers for one input sample, and the parameter count.
+
+    Counts from the modules' actual weight shapes, so it is an independent check of the
+    cost model (which predicts the same numbers from masks without pruning).
+    """
+    shapes: dict[str, LayerShape] = trace_layer_shapes(model, example_input)
+    macs = sum(model.get_submodule(name).weight.numel() * s.spatial for name, s in shapes.items())
+    params = sum(p.numel() for p in model.parameters())
+    return float(macs), float(params)
