@@ -130,6 +130,7 @@ class Config(_Section):
     amp: bool = Field(False, description="bf16 autocast on CUDA (ignored on CPU)")
     channels_last: bool = Field(False, description="channels_last memory format on CUDA")
     output_dir: str = Field("outputs/run", description="where structure.json, weights and hypernet are written")
+    head_epochs: int = Field(0, ge=0, description="baselines: epochs of head-only training under their masks (set to search.epochs when the head is new, for fairness)")
     bn_recalibration_batches: int = Field(20, ge=0, description="train batches used to re-estimate BN statistics under the masks")
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)

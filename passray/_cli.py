@@ -1,0 +1,55 @@
+"""What every ``python -m passray.<verb>`` shares: --config/--set/--debug, --help listing
+every key, one-line errors, and plain-text result tables."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Any, Callable, Sequence
+
+from passray.config import Config, ConfigError, describe_keys, load_config
+
+__all__ = ["format_table", "load_from_args", "make_parser", "run_cli"]
+
+
+def make_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="config keys (set in YAML or with --set key=value):\n" + "\n".join(describe_keys()))
+    parser.add_argument("--config", help="YAML config file (keys below)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override one config key, e.g. --set budget.keep_ratio=0.25 (repeatable)")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks")
+    return parser
+
+
+def load_from_args(args: argparse.Namespace, default_config: str | None = None) -> Config:
+    return load_config(args.config or default_config, args.set)
+
+
+def run_cli(main: Callable[[list[str] | None], Any], prog: str, argv: Sequence[str] | None = None) -> None:
+    """Run ``main``; user errors become one line on stderr and exit code 2 (unless --debug)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        main(argv)
+    except (ConfigError, ValueError, FileNotFoundError, KeyError, TypeError, RuntimeError) as err:
+        if "--debug" in argv:
+            raise
+        message = str(err).splitlines()[0] if str(err) else type(err).__name__
+        print(f"{prog}: error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    return "-" if value is None else str(value)
+
+
+def format_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
+    cells = [[_fmt(r.get(c)) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) if cells else len(c) for i, c in enumerate(columns)]
+    line = lambda vals: "  ".join(v.rjust(w) for v, w in zip(vals, widths))  # noqa: E731
+    return "\n".join([line(columns), line(["-" * w for w in widths]), *map(line, cells)])

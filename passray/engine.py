@@ -1,0 +1,133 @@
+"""Training, search and evaluation loops: device-agnostic, AMP-capable, DDP-aware, no Ray.
+
+Metrics are accumulated as device tensors and read once per epoch (no per-step host
+sync); under ``torch.distributed`` they are all-reduced so every rank reports the same
+numbers. The same loop serves dense training, PASS search and fine-tuning: what is
+trained is decided by which parameters the optimizer holds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Callable, Iterable, Iterator
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from passray.config import OptimConfig
+
+__all__ = ["autocast", "build_optimizer", "evaluate", "recalibrate_bn", "resolve_device", "run_epoch"]
+
+StepHook = Callable[[int], None]
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={name!r} but CUDA is not available on this machine")
+    return device
+
+
+def autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CUDA; a no-op elsewhere (CPU bf16 is slower than fp32 here)."""
+    if enabled and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def build_optimizer(params: Iterable[nn.Parameter], cfg: OptimConfig, total_steps: int):
+    """Optimizer + per-step scheduler (cosine to zero, or constant)."""
+    params = [p for p in params if p.requires_grad]
+    if not params:
+        raise ValueError("nothing to train: no parameter requires grad")
+    if cfg.optimizer == "sgd":
+        opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0,
+                              weight_decay=cfg.weight_decay)
+    else:
+        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    total = max(total_steps, 1)
+    if cfg.schedule == "cosine":
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
+    else:
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    return opt, sched
+
+
+def _reduce(sums: torch.Tensor) -> torch.Tensor:
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(sums)
+    return sums
+
+
+def _batches(loader: Iterable, desc: str, show: bool) -> Iterator:
+    total = len(loader) if hasattr(loader, "__len__") else None
+    return iter(tqdm(loader, desc=desc, total=total, leave=False, disable=not show, mininterval=1.0))
+
+
+def run_epoch(model: nn.Module, loader: Iterable, device: torch.device, *, optimizer=None, scheduler=None,
+              amp: bool = False, label_smoothing: float = 0.0, on_step: StepHook | None = None,
+              step_offset: int = 0, desc: str = "", progress: bool = False) -> dict[str, float]:
+    """One pass over ``loader``; trains when an optimizer is given. Returns loss/accuracy."""
+    training = optimizer is not None
+    sums = torch.zeros(3, device=device, dtype=torch.float64)  # loss * n, correct, n
+    context = contextlib.nullcontext() if training else torch.no_grad()
+    with context:
+        for step, (x, y) in enumerate(_batches(loader, desc, progress)):
+            if on_step is not None:
+                on_step(step_offset + step)
+            with autocast(device, amp):
+                logits = model(x)
+                loss = F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing if training else 0.0)
+            if training:
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                if scheduler is not None:
+                    scheduler.step()
+            n = y.numel()
+            sums += torch.stack([loss.detach().double() * n, (logits.argmax(1) == y).sum().double(),
+                                 torch.tensor(n, device=device, dtype=torch.float64)])
+    loss_sum, correct, n = _reduce(sums).tolist()
+    return {"loss": loss_sum / max(n, 1), "accuracy": correct / max(n, 1)}
+
+
+def evaluate(model: nn.Module, loader: Iterable, device: torch.device, amp: bool = False) -> dict[str, float]:
+    was_training = model.training
+    model.eval()
+    try:
+        return run_epoch(model, loader, device, amp=amp)
+    finally:
+        model.train(was_training)
+
+
+@torch.no_grad()
+def recalibrate_bn(model: nn.Module, loader: Iterable, device: torch.device, batches: int, amp: bool = False) -> None:
+    """Re-estimate BN running statistics under the current masks (cumulative average).
+
+    Masks change every downstream layer's input distribution; without this, magnitude
+    masks score near chance before fine-tuning and any comparison is unfair.
+    """
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if not norms or batches == 0:
+        return
+    saved = [(m, m.momentum, m.training) for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None
+        m.train()
+    try:
+        for i, (x, _) in enumerate(loader):
+            if i >= batches:
+                break
+            with autocast(device, amp):
+                model(x)
+    finally:
+        for m, momentum, training in saved:
+            m.momentum = momentum
+            m.train(training)

@@ -1,0 +1,288 @@
+"""One pruning run, stage by stage, resumable at any epoch.
+
+pretrain (optional dense training) -> search (PASS: joint search of hypernet, prompt
+encoder, prompt and head with the backbone frozen; baselines: scores, then optional
+head training) -> BN recalibration under the final masks -> physical pruning (checked
+against the masked network) -> fine-tune -> export.
+
+Every epoch ends in ``reporter.report(metrics, save_state)``: the CLI ignores it, Ray
+Train turns it into a checkpoint, and a restored state skips finished stages and epochs.
+The pipeline itself knows nothing about Ray (``Runtime.wrap`` does DDP for it).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+import torch
+import torch.nn as nn
+
+from passray import engine
+from passray._state_io import save_state
+from passray.budget import Allocator
+from passray.config import Config, OptimConfig
+from passray.data import load_dataset, make_loaders
+from passray.export import (build_groups, check_equivalence, masks_from_structure, measure, save_pruned,
+                            structure_record)
+from passray.hypernet import PassHypernet, PassPruner, group_statistics, save_hypernet
+from passray.importance import compute_scores
+from passray.models import backbone_id, classifier, create_backbone
+from passray.network import PrunableNet
+from passray.prompts import create_prompt
+
+__all__ = ["NullReporter", "Reporter", "Runtime", "run"]
+
+STAGES = ("pretrain", "search", "finetune")
+
+
+class Reporter(Protocol):
+    def report(self, metrics: dict[str, Any], save_state: Callable[[Path], None] | None) -> None: ...
+
+
+class NullReporter:
+    """Local runs: metrics are printed by the CLI, no checkpoints."""
+
+    def report(self, metrics: dict[str, Any], save_state: Callable[[Path], None] | None) -> None:
+        return None
+
+
+@dataclass
+class Runtime:
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device | None = None
+    wrap: Callable[[nn.Module], nn.Module] = lambda m: m  # DDP under Ray Train
+    reporter: Reporter = field(default_factory=NullReporter)
+    restored: dict[str, Any] | None = None  # state of the last checkpoint, if resuming
+    progress: bool = True
+
+
+class _FaultInjected(RuntimeError):
+    pass
+
+
+class _Run:
+    def __init__(self, cfg: Config, rt: Runtime) -> None:
+        self.cfg, self.rt = cfg, rt
+        self.device = rt.device or engine.resolve_device(cfg.device)
+        self.amp = cfg.amp and self.device.type == "cuda"
+        self.meta: dict[str, Any] = {"stage": None, "epoch": -1, "global_step": 0, "history": [], "results": {}}
+        self.restored = rt.restored
+        if self.restored is not None:
+            self.meta.update(self.restored["meta"])
+        self.hypernet: PassHypernet | None = None
+        self.masks: list[torch.Tensor] | None = None
+        self.started = time.time()
+
+    # -------------------------------------------------------------- helpers
+    def _done(self, stage: str, epoch: int | None = None) -> bool:
+        """Was this stage (or this epoch of it) finished before the restored checkpoint?"""
+        if self.meta["stage"] is None:
+            return False
+        here, there = STAGES.index(stage), STAGES.index(self.meta["stage"])
+        return here < there or (here == there and epoch is not None and epoch <= self.meta["epoch"])
+
+    def _on_step(self, step: int) -> None:
+        fail = self.cfg.train.fail_at_step
+        if fail is not None and step == fail and self.restored is None:
+            raise _FaultInjected(f"fault injection: train.fail_at_step={fail} reached on rank {self.rt.rank}")
+
+    def _state(self) -> dict[str, Any]:
+        state = {"meta": self.meta, "net": self.net.state_dict()}
+        if self.hypernet is not None:
+            state["hypernet"] = self.hypernet.state_dict()
+        if self.masks is not None:
+            state["masks"] = [m.detach().cpu() for m in self.masks]
+        if getattr(self, "optimizer", None) is not None:
+            state["optimizer"] = self.optimizer.state_dict()
+            state["scheduler"] = self.scheduler.state_dict()
+        return state
+
+    def _report(self, metrics: dict[str, Any]) -> None:
+        self.meta["history"].append(metrics)
+        self.rt.reporter.report({**metrics, **self.meta["results"]}, lambda d: save_state(d, self._state()))
+
+    # -------------------------------------------------------------- stages
+    def _fit(self, stage: str, module: nn.Module, params: list[nn.Parameter], ocfg: OptimConfig,
+             on_epoch_start: Callable[[int], None] | None = None, evaluate: Callable[[], dict] | None = None) -> None:
+        """Epoch loop shared by pretrain, search and fine-tune; resumes mid-stage."""
+        if ocfg.epochs == 0 or self._done(stage, ocfg.epochs - 1):
+            return
+        loaders = self.loaders
+        steps = ocfg.epochs * len(loaders.train)
+        self.optimizer, self.scheduler = engine.build_optimizer(params, ocfg, steps)
+        first = 0
+        if self.meta["stage"] == stage and self.restored is not None and "optimizer" in self.restored:
+            self.optimizer.load_state_dict(self.restored["optimizer"])
+            self.scheduler.load_state_dict(self.restored["scheduler"])
+            first = self.meta["epoch"] + 1
+        wrapped = self.rt.wrap(module)
+        for epoch in range(first, ocfg.epochs):
+            loaders.train.set_epoch(self.meta["global_step"] + epoch)
+            if on_epoch_start is not None:
+                on_epoch_start(epoch)
+            wrapped.train()
+            train = engine.run_epoch(wrapped, loaders.train, self.device, optimizer=self.optimizer,
+                                     scheduler=self.scheduler, amp=self.amp, label_smoothing=ocfg.label_smoothing,
+                                     on_step=self._on_step, step_offset=self.meta["global_step"],
+                                     desc=f"{stage} {epoch + 1}/{ocfg.epochs}", progress=self.rt.progress)
+            self.meta["global_step"] += len(loaders.train)
+            val = evaluate() if evaluate else engine.evaluate(module, loaders.val, self.device, self.amp)
+            self.meta.update(stage=stage, epoch=epoch)
+            self.meta["results"][f"{stage}_val_accuracy"] = val["accuracy"]
+            self._report({"stage": stage, "epoch": epoch, "train_loss": train["loss"],
+                          "train_accuracy": train["accuracy"], "val_loss": val["loss"], "val_accuracy": val["accuracy"],
+                          **{k: v for k, v in val.items() if k not in ("loss", "accuracy")}})
+        self.optimizer = None
+
+    def _masked_val(self, masks: list[torch.Tensor]) -> dict[str, float]:
+        """Val accuracy under hard masks after BN recalibration (what search reports each epoch)."""
+        self.net.fix_masks(masks)
+        engine.recalibrate_bn(self.net, self.loaders.train, self.device, self.cfg.bn_recalibration_batches, self.amp)
+        return engine.evaluate(self.net, self.loaders.val, self.device, self.amp)
+
+    def _search_pass(self) -> None:
+        cfg = self.cfg
+        backbone = self.net.backbone
+        stats = group_statistics(self.groups, cfg.hypernet.stats_length)
+        self.hypernet = PassHypernet(stats.shape[1], self.groups.widths, cfg.hypernet.hidden_size,
+                                     cfg.hypernet.recurrent, self.net.prompt.enabled, cfg.hypernet.stats_length)
+        if self.restored is not None and "hypernet" in self.restored:
+            self.hypernet.load_state_dict(self.restored["hypernet"])
+        pruner = PassPruner(self.hypernet, self.groups, self.allocator, cfg.hypernet.magnitude_prior,
+                            cfg.hypernet.temperature).to(self.device)
+        head = self._freeze_all_but_head()
+        if not self._done("search", -1) and "initial_masked_val_accuracy" not in self.meta["results"]:
+            initial = self._masked_val(pruner.hard_masks(self.net.prompt.tensor()).masks)
+            self.meta["results"]["initial_masked_val_accuracy"] = initial["accuracy"]
+        total = max(cfg.search.epochs * len(self.loaders.train), 1)
+        t0, t1 = cfg.hypernet.temperature, cfg.hypernet.temperature_final or cfg.hypernet.temperature
+
+        def anneal(epoch: int) -> None:
+            self.net.attach(self.groups, pruner)
+            pruner.temperature = t0 * (t1 / t0) ** min(epoch * len(self.loaders.train) / total, 1.0)
+
+        def masked_eval() -> dict[str, float]:
+            allocation = pruner.hard_masks(self.net.prompt.tensor())
+            out = self._masked_val(allocation.masks)
+            return {**out, "macs_ratio": float(allocation.ratio)}
+
+        params = [*pruner.hypernet.parameters(), *self.net.prompt.parameters(), *head.parameters()]
+        self._fit("search", self.net, params, cfg.search, on_epoch_start=anneal, evaluate=masked_eval)
+        self.masks = pruner.hard_masks(self.net.prompt.tensor()).masks
+        self.net.fix_masks(self.masks)
+        self.net.backbone.requires_grad_(True)
+
+    def _freeze_all_but_head(self) -> nn.Module:
+        head = classifier(self.net.backbone)
+        self.net.backbone.requires_grad_(False)
+        head.requires_grad_(True)
+        return head
+
+    def _search_baseline(self) -> None:
+        cfg = self.cfg
+        if self.masks is None:
+            scores = compute_scores(cfg.method, self.groups, self.net, self.loaders.train, seed=cfg.seed)
+            self.masks = self.allocator(scores).masks
+        self.net.fix_masks(self.masks)
+        if cfg.head_epochs:  # same head training PASS's search gives its head, for a fair comparison
+            head = self._freeze_all_but_head()
+            self._fit("search", self.net, list(head.parameters()), cfg.search.model_copy(update={"epochs": cfg.head_epochs}),
+                      evaluate=lambda: self._masked_val(self.masks))
+            self.net.fix_masks(self.masks)
+            self.net.backbone.requires_grad_(True)
+
+    def _prune(self) -> None:
+        """Recalibrate, evaluate before fine-tuning, then physically prune and check equivalence."""
+        self.net.fix_masks(self.masks)
+        results = self.meta["results"]
+        if "val_accuracy_before_finetune" not in results:
+            engine.recalibrate_bn(self.net, self.loaders.train, self.device, self.cfg.bn_recalibration_batches, self.amp)
+            results["val_accuracy_before_finetune"] = engine.evaluate(self.net, self.loaders.val, self.device, self.amp)["accuracy"]
+            results["test_accuracy_before_finetune"] = engine.evaluate(self.net, self.loaders.test, self.device, self.amp)["accuracy"]
+        probe = next(iter(self.loaders.val))[0][:16]
+        self.net.eval()
+        with torch.no_grad():
+            masked = self.net(probe.float())
+        dense = self.groups.cost
+        results["macs_ratio"] = float(dense.cost(self.groups.kept_counts(self.masks).cpu()[None], "macs")[0] / dense.dense("macs"))
+        results["params_ratio"] = float(dense.cost(self.groups.kept_counts(self.masks).cpu()[None], "params")[0] / dense.dense("params"))
+        self.groups.prune(self.masks)
+        with torch.no_grad():
+            results["equivalence_max_abs_diff"] = check_equivalence(masked, self.net(probe.float()))
+
+    # -------------------------------------------------------------- main
+    def execute(self) -> dict[str, Any]:
+        cfg, rt = self.cfg, self.rt
+        torch.manual_seed(cfg.seed)
+        self.ds = load_dataset(cfg.data)
+        self.loaders = make_loaders(self.ds, cfg.data, self.device, rt.rank, rt.world_size, cfg.seed,
+                                    cfg.channels_last and self.device.type == "cuda")
+        backbone = create_backbone(cfg.model, self.ds.num_classes).to(self.device)
+        self.net = PrunableNet(backbone, create_prompt(cfg.prompt, self.ds.image_size)).to(self.device)
+        if self.restored is not None and not self._done("search"):
+            self.net.load_state_dict(self.restored["net"])
+        self._fit("pretrain", backbone, list(backbone.parameters()), cfg.pretrain)
+        if self.restored is None or not self._done("search", -1):
+            self.meta["results"]["dense_val_accuracy"] = engine.evaluate(self.net, self.loaders.val, self.device, self.amp)["accuracy"]
+        self.groups = build_groups(backbone, self.ds.image_size)
+        self.dense_macs = self.groups.cost.dense("macs")
+        self.allocator = Allocator(self.groups.cost, cfg.budget, self.device)
+        if self.restored is not None and "masks" in self.restored:
+            self.masks = [m.to(self.device) for m in self.restored["masks"]]
+        if cfg.method == "pass":
+            if self._done("finetune", -1):
+                stats = group_statistics(self.groups, cfg.hypernet.stats_length)
+                self.hypernet = PassHypernet(stats.shape[1], self.groups.widths, cfg.hypernet.hidden_size,
+                                             cfg.hypernet.recurrent, self.net.prompt.enabled, cfg.hypernet.stats_length)
+                self.hypernet.load_state_dict(self.restored["hypernet"])
+            else:
+                self._search_pass()
+        else:
+            self._search_baseline()
+        if self._done("finetune", -1):  # resuming inside fine-tune: rebuild the pruned net, then load
+            self.groups.prune(self.masks)
+            self.net.load_state_dict(self.restored["net"])
+        else:
+            self._prune()
+        if self.meta["stage"] != "finetune":
+            self.meta.update(stage="finetune", epoch=-1)
+        self._fit("finetune", self.net, list(self.net.parameters()), cfg.finetune)
+        return self._finish()
+
+    def _finish(self) -> dict[str, Any]:
+        results = self.meta["results"]
+        results["val_accuracy"] = engine.evaluate(self.net, self.loaders.val, self.device, self.amp)["accuracy"]
+        results["test_accuracy"] = engine.evaluate(self.net, self.loaders.test, self.device, self.amp)["accuracy"]
+        results.update({f"pruned_{k}": v for k, v in measure(self.net, self.ds.image_size).items()})
+        results["dense_macs"] = self.dense_macs
+        results["wall_seconds"] = time.time() - self.started
+        self.structure = structure_record(
+            self.groups, self.masks, self.cfg.model, self.ds.num_classes, self.ds.image_size, self.net.prompt,
+            {"method": self.cfg.method, "budget": self.cfg.budget.model_dump(),
+             "data": {"name": self.cfg.data.name, "classes": self.ds.class_names, "mean": list(self.ds.mean),
+                      "std": list(self.ds.std)},
+             "macs": {"dense": self.dense_macs, "pruned": results["pruned_macs"]},
+             "results": dict(results), "pruning_history": self.groups.pruning_history()})
+        if self.rt.rank == 0:
+            self.export(self.cfg.output_dir)
+        self.meta.update(stage="finetune", epoch=self.cfg.finetune.epochs)
+        self.rt.reporter.report({"stage": "done", **results}, self.export)
+        return {"method": self.cfg.method, "keep_ratio": self.cfg.budget.keep_ratio, **results}
+
+    def export(self, directory: str | Path) -> None:
+        """structure.json + weights.safetensors (+ hypernet/) of the final pruned network."""
+        directory = Path(directory)
+        save_pruned(directory, self.net, self.structure)
+        if self.hypernet is not None:
+            save_hypernet(self.hypernet, directory / "hypernet",
+                          {"backbone_id": backbone_id(self.cfg.model), "prompt": self.cfg.prompt.model_dump()})
+
+
+def run(cfg: Config, runtime: Runtime | None = None) -> dict[str, Any]:
+    """Run one configuration end to end; returns the final metrics."""
+    return _Run(cfg, runtime or Runtime()).execute()
+

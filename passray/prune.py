@@ -1,0 +1,36 @@
+"""``python -m passray.prune``: one pruning run (PASS or a baseline) without Ray.
+
+dense training (optional) -> scores or PASS search -> masks at the budget -> BN
+recalibration -> physical pruning -> fine-tune -> export, then a result table and
+``results.json`` in ``output_dir``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from passray._cli import format_table, load_from_args, make_parser, run_cli
+from passray.pipeline import run
+
+__all__ = ["TABLE_COLUMNS", "main"]
+
+TABLE_COLUMNS = ["method", "keep_ratio", "macs_ratio", "params_ratio", "dense_val_accuracy",
+                 "initial_masked_val_accuracy", "search_val_accuracy", "val_accuracy_before_finetune",
+                 "test_accuracy_before_finetune", "val_accuracy", "test_accuracy", "wall_seconds"]
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = make_parser("passray.prune", __doc__.split("\n\n")[0])
+    args = parser.parse_args(argv)
+    cfg = load_from_args(args)
+    result = run(cfg)
+    out = Path(cfg.output_dir)
+    (out / "results.json").write_text(json.dumps({"config": cfg.to_dict(), "result": result}, indent=1))
+    print(format_table([result], TABLE_COLUMNS))
+    print(f"exported to {out}/ (structure.json, weights.safetensors{', hypernet/' if cfg.method == 'pass' else ''})")
+    return result
+
+
+if __name__ == "__main__":
+    run_cli(main, "passray.prune")
