@@ -131,7 +131,7 @@ def load_pruned(directory: str | Path, expect_backbone: str | None = None) -> tu
     structure = _read_structure(directory / "structure.json")
     if expect_backbone is not None and structure["backbone_id"] != expect_backbone:
         raise ValueError(f"{directory}: saved for backbone {structure['backbone_id']!r}, not {expect_backbone!r}")
-    model_cfg = ModelConfig(**structure["model"])
+    model_cfg = ModelConfig(**structure["model"])  # weights=None: the saved ones replace them anyway
     if backbone_id(model_cfg) != structure["backbone_id"]:
         raise ValueError(f"{directory}: backbone_id {structure['backbone_id']!r} does not match its model section")
     image_size = int(structure["input_size"][-1])

@@ -18,21 +18,15 @@ from typing import Callable
 import timm
 import torch
 import torchvision
+from safetensors.torch import load_file
 from torch import nn
 
 from passray._registry import Registry
 from passray.config import ModelConfig
 
 __all__ = [
-    "available_backbones",
-    "backbone_id",
-    "classifier",
-    "convnet",
-    "create_backbone",
-    "load_weights",
-    "register_backbone",
-    "replace_classifier",
-    "resnet8",
+    "available_backbones", "backbone_id", "classifier", "convnet", "create_backbone",
+    "load_weights", "register_backbone", "replace_classifier", "resnet8",
 ]
 
 _REGISTRY: Registry[Callable[..., nn.Module]] = Registry("backbone")
@@ -124,15 +118,9 @@ def available_backbones() -> list[str]:
 
 
 # ---------------------------------------------------------------- names and ids
-def _unknown_arch(arch: str) -> ValueError:
-    return ValueError(
-        f"unknown model.arch {arch!r}: use a passray backbone ({', '.join(available_backbones())}), "
-        "a torchvision classification model (e.g. resnet18, vgg16_bn, mobilenet_v2) or timm:<name> (e.g. timm:resnet18d)"
-    )
-
-
-def _resolve(arch: str) -> tuple[str, str]:
-    """``arch`` -> (source, name); bare names try passray first, then torchvision."""
+def _resolve(cfg: ModelConfig) -> tuple[str, str]:
+    """``cfg.arch`` -> (source, name); bare names try passray first, then torchvision."""
+    arch = cfg.arch
     source, sep, name = arch.partition(":")
     if not sep:
         source, name = ("passray" if arch in _REGISTRY else "torchvision"), arch
@@ -142,7 +130,12 @@ def _resolve(arch: str) -> tuple[str, str]:
         "torchvision": lambda: name in torchvision.models.list_models(module=torchvision.models),
     }
     if source not in known or not known[source]():
-        raise _unknown_arch(arch)
+        raise ValueError(f"unknown model.arch {arch!r}: use a passray backbone ({', '.join(available_backbones())}), "
+                         "a torchvision classification model (e.g. resnet18, vgg16_bn, mobilenet_v2) "
+                         "or timm:<name> (e.g. timm:resnet18d)")
+    if source != "passray" and cfg.width != 1.0:  # silently ignoring it would mislabel runs
+        raise ValueError(f"model.width={cfg.width} only applies to passray's own backbones "
+                         f"({', '.join(available_backbones())}), not {arch!r}; leave it at 1.0")
     return source, name
 
 
@@ -153,7 +146,7 @@ def backbone_id(cfg: ModelConfig) -> str:
     changes the layer shapes (source, arch, width of own nets, cifar_stem) and nothing
     that does not (weights; num_classes, since the head is never pruned).
     """
-    source, name = _resolve(cfg.arch)
+    source, name = _resolve(cfg)
     ident = f"{source}:{name}" + (f"@w{float(cfg.width)}" if source == "passray" else "")
     return ident + ("+cifar_stem" if cfg.cifar_stem else "")
 
@@ -218,14 +211,9 @@ def replace_classifier(model: nn.Module, num_classes: int) -> nn.Module:
     return model
 
 
-def _out_features(head: nn.Module) -> int | None:
-    return getattr(head, "out_features", getattr(head, "out_channels", None))
-
-
 # ---------------------------------------------------------------- CIFAR stem
 def _stride(module: nn.Module) -> int:
-    stride = getattr(module, "stride", 1) or 1
-    return max(stride) if isinstance(stride, tuple) else stride
+    return max(module.stride) if isinstance(module.stride, tuple) else module.stride
 
 
 def _downsamplers(model: nn.Module) -> list[tuple[str, nn.Module, tuple[int, ...]]]:
@@ -283,15 +271,12 @@ def _apply_cifar_stem(model: nn.Module) -> None:
     elif isinstance(model, torchvision.models.VGG):
         channels = [m for m in model.features.modules() if isinstance(m, nn.Conv2d)][-1].out_channels
         model.avgpool = nn.AdaptiveAvgPool2d(1)
-        model.classifier = nn.Linear(channels, _out_features(classifier(model)))
+        model.classifier = nn.Linear(channels, classifier(model).out_features)
 
 
 # ---------------------------------------------------------------- factory and weights
 def _build(source: str, name: str, cfg: ModelConfig, num_classes: int) -> nn.Module:
     hub = cfg.weights == "hub"
-    if source != "passray" and cfg.width != 1.0:
-        raise ValueError(f"model.width={cfg.width} only applies to passray's own backbones "
-                         f"({', '.join(available_backbones())}), not {cfg.arch!r}; leave it at 1.0")
     if source == "passray":
         if hub:
             raise ValueError(f"model.weights='hub': passray's own {name!r} has no hub weights; give a file path")
@@ -301,7 +286,7 @@ def _build(source: str, name: str, cfg: ModelConfig, num_classes: int) -> nn.Mod
     if not hub:
         return torchvision.models.get_model(name, weights=None, num_classes=num_classes)
     model = torchvision.models.get_model(name, weights="DEFAULT")
-    if _out_features(classifier(model)) != num_classes:
+    if getattr(classifier(model), "out_features", None) != num_classes:
         replace_classifier(model, num_classes)
     return model
 
@@ -314,7 +299,7 @@ def create_backbone(cfg: ModelConfig, num_classes: int) -> nn.Module:
     """
     if num_classes < 1:
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")
-    source, name = _resolve(cfg.arch)
+    source, name = _resolve(cfg)
     path = None if cfg.weights in (None, "hub") else Path(cfg.weights)
     if path is not None and not path.is_file():
         raise FileNotFoundError(f"model.weights: file not found: {path}")
@@ -329,8 +314,6 @@ def create_backbone(cfg: ModelConfig, num_classes: int) -> nn.Module:
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     try:
         if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
             state = load_file(str(path), device="cpu")
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
@@ -341,9 +324,8 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"weights file {path}: expected a state dict of tensors")
-    for prefix in _PREFIXES:
-        if state and all(k.startswith(prefix) for k in state):
-            state = {k[len(prefix):]: v for k, v in state.items()}
+    while state and (prefix := next((p for p in _PREFIXES if all(k.startswith(p) for k in state)), None)):
+        state = {k[len(prefix):]: v for k, v in state.items()}
     return state
 
 
@@ -360,8 +342,9 @@ def load_weights(model: nn.Module, path: str | os.PathLike) -> None:
     target = _unwrap(model)
     state = _read_state_dict(path)
     own = target.state_dict()
-    head_name = _name_of(target, classifier(target))
-    head_keys = {f"{head_name}.{k}" for k in classifier(target).state_dict()}
+    head = classifier(target)
+    head_name = _name_of(target, head)
+    head_keys = {f"{head_name}.{k}" for k in head.state_dict()}
     skip_head = any(k in state and state[k].shape != own[k].shape for k in head_keys)
     problems = []
     for key, tensor in state.items():

@@ -19,13 +19,14 @@ from typing import Any, Callable, Protocol
 
 import torch
 import torch.nn as nn
+from safetensors.torch import save_file
 
 from passray import engine
 from passray._state_io import save_state
 from passray.budget import Allocator
 from passray.config import Config, OptimConfig
 from passray.data import load_dataset, make_loaders
-from passray.export import (build_groups, check_equivalence, masks_from_structure, measure, save_pruned,
+from passray.export import (build_groups, check_equivalence, measure, save_pruned,
                             structure_record)
 from passray.hypernet import PassHypernet, PassPruner, group_statistics, save_hypernet
 from passray.importance import compute_scores
@@ -33,9 +34,9 @@ from passray.models import backbone_id, classifier, create_backbone
 from passray.network import PrunableNet
 from passray.prompts import create_prompt
 
-__all__ = ["NullReporter", "Reporter", "Runtime", "run"]
+__all__ = ["NullReporter", "Reporter", "Runtime", "pretrain", "run"]
 
-STAGES = ("pretrain", "search", "finetune")
+STAGES = ("pretrain", "search", "finetune", "done")
 
 
 class Reporter(Protocol):
@@ -58,10 +59,12 @@ class Runtime:
     reporter: Reporter = field(default_factory=NullReporter)
     restored: dict[str, Any] | None = None  # state of the last checkpoint, if resuming
     progress: bool = True
+    export_dir: str | None = None  # rank 0 writes the final export here (None under Ray: it is in the checkpoint)
+    fault: Callable[[str], None] = field(default=lambda msg: _raise(RuntimeError(msg)))
 
 
-class _FaultInjected(RuntimeError):
-    pass
+def _raise(err: Exception) -> None:
+    raise err
 
 
 class _Run:
@@ -88,7 +91,7 @@ class _Run:
     def _on_step(self, step: int) -> None:
         fail = self.cfg.train.fail_at_step
         if fail is not None and step == fail and self.restored is None:
-            raise _FaultInjected(f"fault injection: train.fail_at_step={fail} reached on rank {self.rt.rank}")
+            self.rt.fault(f"fault injection: train.fail_at_step={fail} reached on rank {self.rt.rank}")
 
     def _state(self) -> dict[str, Any]:
         state = {"meta": self.meta, "net": self.net.state_dict()}
@@ -122,9 +125,9 @@ class _Run:
         wrapped = self.rt.wrap(module)
         for epoch in range(first, ocfg.epochs):
             loaders.train.set_epoch(self.meta["global_step"] + epoch)
+            wrapped.train()
             if on_epoch_start is not None:
                 on_epoch_start(epoch)
-            wrapped.train()
             train = engine.run_epoch(wrapped, loaders.train, self.device, optimizer=self.optimizer,
                                      scheduler=self.scheduler, amp=self.amp, label_smoothing=ocfg.label_smoothing,
                                      on_step=self._on_step, step_offset=self.meta["global_step"],
@@ -163,6 +166,10 @@ class _Run:
 
         def anneal(epoch: int) -> None:
             self.net.attach(self.groups, pruner)
+            if cfg.hypernet.batch_norm == "frozen":
+                for m in self.net.backbone.modules():
+                    if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                        m.eval()
             pruner.temperature = t0 * (t1 / t0) ** min(epoch * len(self.loaders.train) / total, 1.0)
 
         def masked_eval() -> dict[str, float]:
@@ -171,6 +178,7 @@ class _Run:
             return {**out, "macs_ratio": float(allocation.ratio)}
 
         params = [*pruner.hypernet.parameters(), *self.net.prompt.parameters(), *head.parameters()]
+        self.net.attach(self.groups, pruner)  # before _fit wraps the net: DDP must see the hypernet's parameters
         self._fit("search", self.net, params, cfg.search, on_epoch_start=anneal, evaluate=masked_eval)
         self.masks = pruner.hard_masks(self.net.prompt.tensor()).masks
         self.net.fix_masks(self.masks)
@@ -215,14 +223,21 @@ class _Run:
             results["equivalence_max_abs_diff"] = check_equivalence(masked, self.net(probe.float()))
 
     # -------------------------------------------------------------- main
-    def execute(self) -> dict[str, Any]:
+    def setup(self) -> None:
         cfg, rt = self.cfg, self.rt
         torch.manual_seed(cfg.seed)
         self.ds = load_dataset(cfg.data)
         self.loaders = make_loaders(self.ds, cfg.data, self.device, rt.rank, rt.world_size, cfg.seed,
                                     cfg.channels_last and self.device.type == "cuda")
         backbone = create_backbone(cfg.model, self.ds.num_classes).to(self.device)
+        if cfg.channels_last and self.device.type == "cuda":
+            backbone = backbone.to(memory_format=torch.channels_last)
         self.net = PrunableNet(backbone, create_prompt(cfg.prompt, self.ds.image_size)).to(self.device)
+
+    def execute(self) -> dict[str, Any]:
+        cfg = self.cfg
+        self.setup()
+        backbone = self.net.backbone
         if self.restored is not None and not self._done("search"):
             self.net.load_state_dict(self.restored["net"])
         self._fit("pretrain", backbone, list(backbone.parameters()), cfg.pretrain)
@@ -248,7 +263,7 @@ class _Run:
             self.net.load_state_dict(self.restored["net"])
         else:
             self._prune()
-        if self.meta["stage"] != "finetune":
+        if self.meta["stage"] in (None, "pretrain", "search"):
             self.meta.update(stage="finetune", epoch=-1)
         self._fit("finetune", self.net, list(self.net.parameters()), cfg.finetune)
         return self._finish()
@@ -267,11 +282,16 @@ class _Run:
                       "std": list(self.ds.std)},
              "macs": {"dense": self.dense_macs, "pruned": results["pruned_macs"]},
              "results": dict(results), "pruning_history": self.groups.pruning_history()})
-        if self.rt.rank == 0:
-            self.export(self.cfg.output_dir)
-        self.meta.update(stage="finetune", epoch=self.cfg.finetune.epochs)
-        self.rt.reporter.report({"stage": "done", **results}, self.export)
+        if self.rt.rank == 0 and self.rt.export_dir is not None:
+            self.export(self.rt.export_dir)
+        self.meta.update(stage="done", epoch=0)
+        self.rt.reporter.report({"stage": "done", **results}, self._final_checkpoint)
         return {"method": self.cfg.method, "keep_ratio": self.cfg.budget.keep_ratio, **results}
+
+    def _final_checkpoint(self, directory: Path) -> None:
+        """Resumable state (stage 'done') and the export, side by side."""
+        self.export(directory)  # first: save_pruned replaces the whole directory (atomic_directory)
+        save_state(directory, self._state())
 
     def export(self, directory: str | Path) -> None:
         """structure.json + weights.safetensors (+ hypernet/) of the final pruned network."""
@@ -280,6 +300,23 @@ class _Run:
         if self.hypernet is not None:
             save_hypernet(self.hypernet, directory / "hypernet",
                           {"backbone_id": backbone_id(self.cfg.model), "prompt": self.cfg.prompt.model_dump()})
+
+
+def pretrain(cfg: Config, path: str | Path, runtime: Runtime | None = None) -> dict[str, Any]:
+    """Dense training only; saves the backbone to ``path`` (safetensors) for ``model.weights``.
+
+    One checkpoint reused by every method, seed and trial is what makes comparisons fair.
+    """
+    job = _Run(cfg, runtime or Runtime())
+    job.setup()
+    job._fit("pretrain", job.net.backbone, list(job.net.backbone.parameters()), cfg.pretrain)
+    val = engine.evaluate(job.net, job.loaders.val, job.device, job.amp)["accuracy"]
+    test = engine.evaluate(job.net, job.loaders.test, job.device, job.amp)["accuracy"]
+    if job.rt.rank == 0:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.detach().cpu().contiguous() for k, v in job.net.backbone.state_dict().items()}, str(path))
+    return {"val_accuracy": val, "test_accuracy": test, "path": str(path), "wall_seconds": time.time() - job.started}
 
 
 def run(cfg: Config, runtime: Runtime | None = None) -> dict[str, Any]:

@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 
 from passray._cli import format_table, load_from_args, make_parser, run_cli
-from passray.pipeline import run
+from passray.pipeline import Runtime, run
 
 __all__ = ["TABLE_COLUMNS", "main"]
 
@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser = make_parser("passray.prune", __doc__.split("\n\n")[0])
     args = parser.parse_args(argv)
     cfg = load_from_args(args)
-    result = run(cfg)
+    result = run(cfg, Runtime(export_dir=cfg.output_dir))
     out = Path(cfg.output_dir)
     (out / "results.json").write_text(json.dumps({"config": cfg.to_dict(), "result": result}, indent=1))
     print(format_table([result], TABLE_COLUMNS))

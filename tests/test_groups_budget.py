@@ -1,0 +1,104 @@
+"""Masks on live models: masked == physically pruned, exact costs, budgets met."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from passray.budget import Allocator
+from passray.config import BudgetConfig, ModelConfig
+from passray.export import build_groups, check_equivalence
+from passray.groups import count_macs_params
+from passray.models import create_backbone
+
+ARCHS = ["resnet18", "resnet50", "vgg16_bn", "mobilenet_v2", "timm:efficientnet_b0", "resnet8"]
+COARSE = {"resnet8"}  # 6 groups of 16-64 channels: the nearest reachable ratio can be >1 % away
+KEEP = [0.25, 0.5, 0.75]
+
+
+def _randomise_bn(model: torch.nn.Module, seed: int = 0) -> None:
+    """Non-trivial BN statistics, so a wrongly gated channel shows up in the outputs."""
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.bias.data.copy_(torch.randn(m.num_features, generator=g) * 0.2)
+
+
+def _model(arch: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = create_backbone(ModelConfig(arch=arch, cifar_stem=True), num_classes=10).eval()
+    _randomise_bn(model)
+    return model
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_masked_equals_pruned_and_costs_are_exact(arch: str) -> None:
+    x = torch.randn(4, 3, 32, 32)
+    dense_macs, dense_params = count_macs_params(_model(arch), x[:1])
+    for i, keep in enumerate(KEEP):
+        model = _model(arch)
+        groups = build_groups(model, 32)
+        assert groups.cost.dense("macs") == dense_macs and groups.cost.dense("params") == dense_params
+        allocation = Allocator(groups.cost, BudgetConfig(keep_ratio=keep, min_channels=2))(
+            [torch.rand(g.width, generator=torch.Generator().manual_seed(i + gi)) for gi, g in enumerate(groups.groups)])
+        tolerance = 0.05 if arch in COARSE else 0.01
+        assert keep * (1 - tolerance) <= float(allocation.ratio) <= keep, (arch, keep, float(allocation.ratio))
+        groups.set_masks(allocation.masks)
+        with torch.no_grad():
+            masked = model(x)
+        predicted = {k: float(groups.cost.cost(allocation.kept[None].cpu(), k)[0]) for k in ("macs", "params")}
+        groups.prune(allocation.masks)
+        with torch.no_grad():
+            pruned = model(x)
+        check_equivalence(masked, pruned, tolerance=1e-4)
+        assert (masked - pruned).abs().max() <= 1e-4
+        macs, params = count_macs_params(model, x[:1])
+        assert macs == pytest.approx(predicted["macs"], rel=1e-9)
+        assert params == pytest.approx(predicted["params"], rel=1e-9)
+        assert macs / dense_macs == pytest.approx(float(allocation.ratio), rel=1e-9)
+
+
+@pytest.mark.parametrize("allocation", ["global", "uniform"])
+@pytest.mark.parametrize("kind", ["macs", "params"])
+def test_budget_met_with_min_channels_and_rounding(allocation: str, kind: str) -> None:
+    groups = build_groups(_model("resnet18"), 32)
+    for keep in KEEP:
+        budget = BudgetConfig(kind=kind, keep_ratio=keep, allocation=allocation, min_channels=16, round_to=8)
+        result = Allocator(groups.cost, budget)([torch.randn(g.width) for g in groups.groups])
+        kept = result.kept.long()
+        assert (kept >= 16).all() and (kept % 8 == 0).all()
+        assert all(int(m.sum()) == int(k) for m, k in zip(result.masks, kept))
+        assert float(result.ratio) <= keep + 1e-9
+        assert keep - float(result.ratio) < 0.01, (kind, allocation, keep, float(result.ratio))
+
+
+def test_global_allocation_keeps_highest_scores() -> None:
+    groups = build_groups(_model("resnet8"), 32)
+    scores = [torch.randn(g.width) for g in groups.groups]
+    result = Allocator(groups.cost, BudgetConfig(keep_ratio=0.5))(scores)
+    kept = torch.cat([s[m > 0] for s, m in zip(scores, result.masks)])
+    dropped = torch.cat([s[m == 0] for s, m in zip(scores, result.masks)])
+    assert kept.min() >= dropped.max()  # one threshold over all groups (min_channels=1 never binds here)
+
+
+def test_uniform_allocation_keeps_same_fraction_per_group() -> None:
+    groups = build_groups(_model("vgg16_bn"), 32)
+    result = Allocator(groups.cost, BudgetConfig(keep_ratio=0.5, allocation="uniform"))(
+        [torch.randn(g.width) for g in groups.groups])
+    fractions = result.kept / torch.tensor(groups.widths, dtype=torch.float64)
+    assert fractions.max() - fractions.min() < 0.02
+
+
+def test_unreachable_budget_is_refused() -> None:
+    groups = build_groups(_model("resnet8"), 32)
+    with pytest.raises(ValueError, match="min_channels"):
+        Allocator(groups.cost, BudgetConfig(keep_ratio=0.05, min_channels=16))
+
+
+def test_masks_of_wrong_shape_are_refused() -> None:
+    groups = build_groups(_model("resnet8"), 32)
+    with pytest.raises(ValueError, match="shape"):
+        groups.set_masks([torch.ones(g.width + 1) for g in groups.groups])
