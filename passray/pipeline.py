@@ -118,7 +118,7 @@ class _Run:
         steps = ocfg.epochs * len(loaders.train)
         self.optimizer, self.scheduler = engine.build_optimizer(params, ocfg, steps)
         first = 0
-        if self.meta["stage"] == stage and self.restored is not None and "optimizer" in self.restored:
+        if self.restored is not None and self.restored["meta"]["stage"] == stage and "optimizer" in self.restored:
             self.optimizer.load_state_dict(self.restored["optimizer"])
             self.scheduler.load_state_dict(self.restored["scheduler"])
             first = self.meta["epoch"] + 1
@@ -141,6 +141,11 @@ class _Run:
                           **{k: v for k, v in val.items() if k not in ("loss", "accuracy")}})
         self.optimizer = None
 
+    def _val_and_test(self) -> dict[str, float]:
+        """Fine-tune epochs also report test accuracy (for reporting only: no decision reads it)."""
+        val = engine.evaluate(self.net, self.loaders.val, self.device, self.amp)
+        return {**val, "test_accuracy": engine.evaluate(self.net, self.loaders.test, self.device, self.amp)["accuracy"]}
+
     def _masked_val(self, masks: list[torch.Tensor]) -> dict[str, float]:
         """Val accuracy under hard masks after BN recalibration (what search reports each epoch)."""
         self.net.fix_masks(masks)
@@ -158,9 +163,12 @@ class _Run:
         pruner = PassPruner(self.hypernet, self.groups, self.allocator, cfg.hypernet.magnitude_prior,
                             cfg.hypernet.temperature).to(self.device)
         head = self._freeze_all_but_head()
+        best = self.meta.setdefault("best_search", {"accuracy": -1.0, "masks": None})
         if not self._done("search", -1) and "initial_masked_val_accuracy" not in self.meta["results"]:
-            initial = self._masked_val(pruner.hard_masks(self.net.prompt.tensor()).masks)
+            masks = pruner.hard_masks(self.net.prompt.tensor()).masks
+            initial = self._masked_val(masks)
             self.meta["results"]["initial_masked_val_accuracy"] = initial["accuracy"]
+            best.update(accuracy=initial["accuracy"], masks=self._kept(masks))
         total = max(cfg.search.epochs * len(self.loaders.train), 1)
         t0, t1 = cfg.hypernet.temperature, cfg.hypernet.temperature_final or cfg.hypernet.temperature
 
@@ -175,14 +183,23 @@ class _Run:
         def masked_eval() -> dict[str, float]:
             allocation = pruner.hard_masks(self.net.prompt.tensor())
             out = self._masked_val(allocation.masks)
+            if out["accuracy"] > best["accuracy"]:
+                best.update(accuracy=out["accuracy"], masks=self._kept(allocation.masks))
             return {**out, "macs_ratio": float(allocation.ratio)}
 
         params = [*pruner.hypernet.parameters(), *self.net.prompt.parameters(), *head.parameters()]
         self.net.attach(self.groups, pruner)  # before _fit wraps the net: DDP must see the hypernet's parameters
         self._fit("search", self.net, params, cfg.search, on_epoch_start=anneal, evaluate=masked_eval)
-        self.masks = pruner.hard_masks(self.net.prompt.tensor()).masks
+        # The masks that validated best (the hypernet's initial ones included): val is for decisions.
+        self.masks = [torch.zeros(w, device=self.device).index_fill_(0, torch.as_tensor(k, device=self.device), 1.0)
+                      for w, k in zip(self.groups.widths, best["masks"])]
+        self.meta["results"]["search_best_val_accuracy"] = best["accuracy"]
         self.net.fix_masks(self.masks)
         self.net.backbone.requires_grad_(True)
+
+    @staticmethod
+    def _kept(masks: list[torch.Tensor]) -> list[list[int]]:
+        return [torch.nonzero(m > 0.5).flatten().tolist() for m in masks]
 
     def _freeze_all_but_head(self) -> nn.Module:
         head = classifier(self.net.backbone)
@@ -265,7 +282,7 @@ class _Run:
             self._prune()
         if self.meta["stage"] in (None, "pretrain", "search"):
             self.meta.update(stage="finetune", epoch=-1)
-        self._fit("finetune", self.net, list(self.net.parameters()), cfg.finetune)
+        self._fit("finetune", self.net, list(self.net.parameters()), cfg.finetune, evaluate=self._val_and_test)
         return self._finish()
 
     def _finish(self) -> dict[str, Any]:

@@ -1,0 +1,285 @@
+"""``python -m passray.tune``: Ray Tune + Optuna over prompt size, hidden size, FLOPs target, ...
+
+The entry point users submit to a cluster:
+``ray job submit --address http://HEAD:8265 --working-dir . -- python -m passray.tune --config FILE``.
+
+Order of work, so that mistakes cost seconds: validate config and search space -> check
+MLflow is reachable -> dense-train the backbone once (reused by every trial) -> Tune.
+Each trial runs the pipeline in-process (``train.num_workers: 0``) or as a Ray Train
+``TorchTrainer`` whose rank-0 metrics reach Tune through ``TuneReportCallback``; each
+trial is an MLflow child run of one parent run per experiment.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import ray
+from ray import tune
+
+from passray._cli import format_table, make_parser, run_cli
+from passray.config import Config, ConfigError, apply_overrides, load_config, validate
+from passray.pipeline import Runtime, pretrain, run
+from passray.tracking import Tracker, resolve_uri
+from passray.train import build_trainer, copy_export, scalar_metrics, storage_uri
+
+__all__ = ["DEFAULT_CONFIG", "build_space", "main", "pareto_front"]
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "tune_configs" / "quickstart.yaml"
+SPACE_TYPES = ("int", "uniform", "loguniform", "choice")
+RESULT_COLUMNS = ["trial", "prompt.kind", "prompt.size", "hypernet.hidden_size", "budget.keep_ratio", "macs_ratio",
+                  "val_accuracy", "test_accuracy", "status"]
+
+
+# ---------------------------------------------------------------- search space
+def _domain(key: str, spec: dict[str, Any]):
+    where = f"config key 'tune.space.{key}'"
+    kind = spec.get("type")
+    if kind not in SPACE_TYPES:
+        raise ConfigError(f"{where}: unknown distribution {kind!r}; choose one of {', '.join(SPACE_TYPES)}")
+    if kind == "choice":
+        values = spec.get("values")
+        if not isinstance(values, list) or not values:
+            raise ConfigError(f"{where}: 'choice' needs a non-empty list 'values'")
+        return tune.choice(values), values
+    low, high = spec.get("low"), spec.get("high")
+    if not isinstance(low, (int, float)) or not isinstance(high, (int, float)):
+        raise ConfigError(f"{where}: '{kind}' needs numeric 'low' and 'high'")
+    if not low < high:
+        raise ConfigError(f"{where}: empty range, low={low} must be < high={high}")
+    if kind == "loguniform" and low <= 0:
+        raise ConfigError(f"{where}: 'loguniform' needs low > 0, got {low}")
+    if kind == "int":
+        return tune.randint(int(low), int(high) + 1), [int(low), int(high)]
+    return (tune.loguniform if kind == "loguniform" else tune.uniform)(low, high), [low, high]
+
+
+def build_space(cfg: Config) -> dict[str, Any]:
+    """YAML space -> Tune domains; every key and the extremes of every range are validated now."""
+    base = cfg.to_dict()
+    space = {}
+    for key, spec in cfg.tune.space.items():
+        if key.split(".")[0] == "tune":
+            raise ConfigError(f"config key 'tune.space.{key}': the tune section itself cannot be searched")
+        if not isinstance(spec, dict):
+            raise ConfigError(f"config key 'tune.space.{key}': expected a mapping like {{type: uniform, low: 0.1, high: 0.9}}")
+        domain, extremes = _domain(key, spec)
+        for value in extremes:
+            try:
+                validate(apply_overrides(base, [f"{key}={json.dumps(value)}"]))
+            except ConfigError as err:
+                raise ConfigError(f"config key 'tune.space.{key}': value {value!r} is invalid ({err})") from None
+        space[key] = domain
+    return space
+
+
+def trial_config(base: dict[str, Any], values: dict[str, Any]) -> Config:
+    return validate(apply_overrides(base, [f"{k}={json.dumps(v)}" for k, v in values.items()]))
+
+
+# ---------------------------------------------------------------- one trial
+class _TuneReporter:
+    """In-process trials: ``tune.report`` each epoch (+ checkpoint) and the same metrics to MLflow."""
+
+    def __init__(self, tracker: Tracker, run_id: str) -> None:
+        self.tracker, self.run_id, self.step = tracker, run_id, 0
+
+    def report(self, metrics: dict[str, Any], save_state) -> None:
+        metrics = scalar_metrics(metrics)
+        self.tracker.log_metrics(self.run_id, metrics, step=self.step)
+        self.step += 1
+        with tempfile.TemporaryDirectory(prefix="passray-trial-") as tmp:
+            checkpoint = None
+            if save_state is not None:
+                save_state(Path(tmp))
+                checkpoint = tune.Checkpoint.from_directory(tmp)
+            tune.report({**metrics, "mlflow_run_id": self.run_id}, checkpoint=checkpoint)
+
+
+def _restored() -> dict[str, Any] | None:
+    from passray._state_io import load_state
+
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is None:
+        return None
+    with checkpoint.as_directory() as directory:
+        return load_state(directory)
+
+
+def run_trial(config: dict[str, Any]) -> None:
+    """Tune's trainable: one pruning job for one point of the search space."""
+    cfg = trial_config(config["base"], config["values"])
+    context = tune.get_context()
+    tracker = Tracker(config["tracking_uri"], check=False)
+    child = config.get("child_run_id") or tracker.start_child(
+        config["parent_run_id"], context.get_trial_name(), params={**cfg.flat(), **config["values"]})
+    export = Path(tempfile.mkdtemp(prefix="passray-export-"))
+    try:
+        if cfg.train.num_workers == 0:
+            run(cfg, Runtime(reporter=_TuneReporter(tracker, child), restored=_restored(), progress=False,
+                             export_dir=str(export)))
+        else:
+            from ray.tune.integration.ray_train import TuneReportCallback
+
+            trainer = build_trainer(cfg, name=f"{config['experiment']}-{context.get_trial_id()}",
+                                    callbacks=[TuneReportCallback()])
+            result = trainer.fit()
+            if result.error is not None:
+                raise RuntimeError(str(result.error).splitlines()[0])
+            for step, row in enumerate(result.metrics_dataframe.to_dict("records")):
+                tracker.log_metrics(child, row, step=step)
+            copy_export(result.checkpoint, export)
+        tracker.log_export(child, export)
+        tracker.log_config(child, cfg)
+        tracker.end(child, "FINISHED")
+    except BaseException:
+        tracker.end(child, "FAILED")
+        raise
+
+
+# ---------------------------------------------------------------- driver
+def pareto_front(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows not dominated in (higher val_accuracy, lower macs_ratio)."""
+    done = [r for r in rows if r.get("val_accuracy") is not None and r.get("macs_ratio") is not None]
+    front = [r for r in done if not any(
+        o["val_accuracy"] >= r["val_accuracy"] and o["macs_ratio"] <= r["macs_ratio"]
+        and (o["val_accuracy"] > r["val_accuracy"] or o["macs_ratio"] < r["macs_ratio"]) for o in done)]
+    return sorted(front, key=lambda r: r["macs_ratio"])
+
+
+def _tune_config(cfg: Config, slots: int):
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search.optuna import OptunaSearch
+
+    stages = cfg.search.epochs + cfg.finetune.epochs + (cfg.head_epochs if cfg.method != "pass" else 0) + 1
+    if cfg.tune.objective == "multi":
+        searcher = OptunaSearch(metric=["val_accuracy", "macs_ratio"], mode=["max", "min"], seed=cfg.seed)
+        return tune.TuneConfig(search_alg=searcher, num_samples=cfg.tune.num_samples, max_concurrent_trials=slots)
+    scheduler = ASHAScheduler(max_t=max(stages, 1), grace_period=min(cfg.tune.grace_period, stages),
+                              reduction_factor=cfg.tune.reduction_factor)
+    return tune.TuneConfig(metric="val_accuracy", mode="max", search_alg=OptunaSearch(seed=cfg.seed),
+                           scheduler=scheduler, num_samples=cfg.tune.num_samples, max_concurrent_trials=slots)
+
+
+def _slots(cfg: Config, per_trial: float) -> int:
+    if cfg.tune.max_concurrent_trials:
+        return cfg.tune.max_concurrent_trials
+    return max(1, int(ray.cluster_resources().get("CPU", 1) // per_trial))
+
+
+def _rows(results) -> list[dict[str, Any]]:
+    rows = []
+    for result in results:
+        metrics = result.metrics or {}
+        values = (result.config or {}).get("values", {})
+        merged = {**{k: (result.config or {}).get("base_flat", {}).get(k) for k in RESULT_COLUMNS}, **values}
+        rows.append({**merged, "trial": metrics.get("trial_id", "-"),
+                     "macs_ratio": metrics.get("macs_ratio"), "val_accuracy": metrics.get("val_accuracy"),
+                     "test_accuracy": metrics.get("test_accuracy"), "mlflow_run_id": metrics.get("mlflow_run_id"),
+                     "status": "ERROR" if result.error else metrics.get("stage", "-")})
+    return rows
+
+
+def _report(rows: list[dict[str, Any]], front: list[dict[str, Any]], out: Path, tracker: Tracker, parent: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    table = format_table(rows, RESULT_COLUMNS)
+    front_table = format_table(front, RESULT_COLUMNS)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    done = [r for r in rows if r["val_accuracy"] is not None and r["macs_ratio"] is not None]
+    ax.scatter([r["macs_ratio"] for r in done], [r["val_accuracy"] for r in done], label="trials", alpha=0.6)
+    ax.plot([r["macs_ratio"] for r in front], [r["val_accuracy"] for r in front], "o-", color="C3", label="Pareto front")
+    ax.set_xlabel("MACs kept (fraction of dense)")
+    ax.set_ylabel("val accuracy")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "pareto.png", dpi=120)
+    (out / "results.json").write_text(json.dumps({"trials": rows, "pareto_front": front}, indent=1, default=str))
+    (out / "results.txt").write_text(f"{table}\n\nPareto front:\n{front_table}\n")
+    for name in ("pareto.png", "results.json", "results.txt"):
+        tracker.client.log_artifact(parent, str(out / name))
+    best = max((r["val_accuracy"] for r in done), default=None)
+    if best is not None:
+        tracker.log_metrics(parent, {"best_val_accuracy": best, "pareto_size": len(front)})
+    plt.close(fig)
+    print(table)
+    print("\nPareto front (val accuracy vs MACs kept):")
+    print(front_table)
+    print(f"\nsaved {out}/results.json, results.txt, pareto.png")
+
+
+def _register(cfg: Config, rows: list[dict[str, Any]], front: list[dict[str, Any]], uri: str) -> None:
+    from passray.registry import register_run
+
+    chosen = front if cfg.tune.objective == "multi" else sorted(
+        [r for r in rows if r["val_accuracy"] is not None], key=lambda r: -r["val_accuracy"])[:1]
+    for row in chosen:
+        if row.get("mlflow_run_id"):
+            info = register_run(row["mlflow_run_id"], tracking_uri=uri)
+            names = [f"{v['name']} v{v['version']}" for k, v in info.items() if isinstance(v, dict) and "version" in v]
+            print(f"registered trial {row['trial']}: {', '.join(names)}")
+
+
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+    parser = make_parser("passray.tune", __doc__.split("\n\n")[0])
+    parser.add_argument("--resume", metavar="PATH", help="experiment dir of an interrupted run (Tuner.restore)")
+    args = parser.parse_args(argv)
+    cfg = load_config(args.config or DEFAULT_CONFIG, args.set)
+    space = build_space(cfg)
+    uri = resolve_uri(cfg.tracking.uri)
+    tracker = Tracker(uri)  # fails here, before any training, if MLflow is unreachable
+    storage = storage_uri(cfg.train.storage_path)
+    exp_dir = Path(args.resume) if args.resume else Path(storage) / cfg.tune.name
+    if not args.resume and exp_dir.exists():
+        raise ConfigError(f"{exp_dir} exists: pass --resume {exp_dir} to continue it, or change tune.name")
+    exp_dir.mkdir(parents=True, exist_ok=True)
+    state_file = exp_dir / "passray_tune.json"
+    state = json.loads(state_file.read_text()) if state_file.exists() else {}
+    base = cfg.to_dict()
+    if cfg.pretrain.epochs > 0 and not cfg.model.weights:
+        weights = exp_dir / "backbone.safetensors"
+        if not weights.exists():
+            print(f"dense training of {cfg.model.arch} once, shared by every trial -> {weights}")
+            dense = pretrain(cfg, weights, Runtime(progress=True))
+            state["dense"] = {k: v for k, v in dense.items() if k != "path"}
+        base = apply_overrides(base, [f"model.weights={weights}", "pretrain.epochs=0"])
+    if "parent_run_id" not in state:
+        state["parent_run_id"] = tracker.start_parent(cfg.tracking.experiment, cfg.tune.name, params=cfg.flat())
+        tracker.log_config(state["parent_run_id"], cfg)
+    state_file.write_text(json.dumps(state, indent=1))
+    ray.init(address=os.environ.get("RAY_ADDRESS"), ignore_reinit_error=True, log_to_driver=False)
+    per_trial = cfg.tune.cpus_per_trial if cfg.train.num_workers == 0 else 0.5
+    trainable = tune.with_resources(run_trial, {"CPU": per_trial})
+    param_space = {"base": base, "values": space, "tracking_uri": uri, "parent_run_id": state["parent_run_id"],
+                   "experiment": cfg.tune.name, "base_flat": cfg.flat()}
+    if args.resume:
+        tuner = tune.Tuner.restore(str(exp_dir), trainable, resume_unfinished=True, resume_errored=True,
+                                   param_space=param_space)
+    else:
+        tuner = tune.Tuner(trainable, param_space=param_space,
+                           tune_config=_tune_config(cfg, _slots(cfg, per_trial)),
+                           run_config=tune.RunConfig(name=cfg.tune.name, storage_path=storage,
+                                                     failure_config=tune.FailureConfig(max_failures=cfg.tune.max_trial_failures),
+                                                     verbose=1))
+    results = tuner.fit()
+    rows = _rows(results)
+    front = pareto_front(rows)
+    _report(rows, front, exp_dir, tracker, state["parent_run_id"])
+    if cfg.tracking.register_best:
+        _register(cfg, rows, front, uri)
+    failed = sum(1 for r in rows if r["status"] == "ERROR")
+    tracker.end(state["parent_run_id"], "FAILED" if failed == len(rows) else "FINISHED")
+    if failed == len(rows):
+        raise RuntimeError(f"all {failed} trials failed; see {exp_dir}")
+    return rows
+
+
+if __name__ == "__main__":
+    run_cli(main, "passray.tune")

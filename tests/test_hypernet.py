@@ -1,0 +1,129 @@
+"""PASS hypernetwork: gradients flow through straight-through masks, budgets hold every
+step, the LSTM carries state across groups, and save/load reproduces masks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from passray.budget import Allocator
+from passray.config import BudgetConfig, ModelConfig
+from passray.export import build_groups
+from passray.hypernet import PassHypernet, PassPruner, group_statistics, load_hypernet, save_hypernet
+from passray.models import create_backbone
+from passray.network import PrunableNet
+from passray.prompts import VisualPrompt
+
+
+def _setup(arch: str = "resnet18", prompt_kind: str = "pad", recurrent: bool = True, keep: float = 0.5):
+    torch.manual_seed(0)
+    backbone = create_backbone(ModelConfig(arch=arch), num_classes=10)
+    groups = build_groups(backbone, 32)
+    stats = group_statistics(groups, 8)
+    hypernet = PassHypernet(stats.shape[1], groups.widths, hidden_size=16, recurrent=recurrent,
+                            use_prompt=prompt_kind != "none", stats_length=8)
+    pruner = PassPruner(hypernet, groups, Allocator(groups.cost, BudgetConfig(keep_ratio=keep)))
+    net = PrunableNet(backbone, VisualPrompt(prompt_kind, 4, 32))
+    net.attach(groups, pruner)
+    return net, groups, hypernet, pruner
+
+
+def test_gradients_reach_hypernet_encoder_and_prompt() -> None:
+    net, _, hypernet, _ = _setup("resnet8")
+    net.backbone.requires_grad_(False)
+    x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
+    F.cross_entropy(net(x), y).backward()
+    parts = {"theta (LSTM)": hypernet.cell, "theta (mappers)": hypernet.mappers, "omega (encoder)": hypernet.encoder,
+             "statistics embedding": hypernet.embed}
+    for name, module in parts.items():
+        grads = [p.grad for p in module.parameters() if p.grad is not None]
+        assert grads, f"no gradient reached {name}"
+        total = sum(g.abs().sum() for g in grads)
+        assert torch.isfinite(total) and total > 0, name
+    assert net.prompt.values.grad is not None
+    assert torch.isfinite(net.prompt.values.grad).all() and net.prompt.values.grad.abs().sum() > 0
+    assert all(p.grad is None for p in net.backbone.parameters())  # backbone stays frozen
+
+
+def test_every_search_step_meets_the_budget() -> None:
+    net, groups, hypernet, pruner = _setup("resnet18", keep=0.4)
+    net.backbone.requires_grad_(False)
+    optimizer = torch.optim.Adam([*hypernet.parameters(), net.prompt.values], lr=0.05)
+    for step in range(4):
+        x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
+        optimizer.zero_grad()
+        F.cross_entropy(net(x), y).backward()
+        optimizer.step()
+        allocation = pruner.last
+        kept = groups.kept_counts(allocation.masks)
+        assert torch.equal(kept, allocation.kept.cpu())
+        assert 0.4 * 0.99 <= groups.cost_ratio(allocation.masks) <= 0.4, step
+
+
+@pytest.mark.parametrize("recurrent", [True, False])
+def test_lstm_carries_state_across_groups(recurrent: bool) -> None:
+    _, groups, hypernet, pruner = _setup("resnet18", recurrent=recurrent)
+    prompt = torch.randn(3, 32, 32)
+    stats = pruner.stats.clone()
+    before = hypernet(stats, pruner.widths, pruner.priors(), prompt)
+    stats[1] += 3.0  # change group 1's statistics only
+    after = hypernet(stats, pruner.widths, pruner.priors(), prompt)
+    assert not torch.allclose(before[1], after[1])
+    changed_later = not torch.allclose(before[5], after[5])
+    assert changed_later == recurrent
+
+
+def test_prompt_conditions_the_scores() -> None:
+    _, _, hypernet, pruner = _setup("resnet8")
+    a = hypernet(pruner.stats, pruner.widths, pruner.priors(), torch.zeros(3, 32, 32))
+    b = hypernet(pruner.stats, pruner.widths, pruner.priors(), torch.ones(3, 32, 32))
+    assert any(not torch.allclose(x, y) for x, y in zip(a, b))
+
+
+def test_round_trip_gives_identical_masks(tmp_path) -> None:
+    net, groups, hypernet, pruner = _setup("resnet18")
+    with torch.no_grad():
+        for p in hypernet.parameters():
+            p.add_(torch.randn_like(p) * 0.1)  # not the initialisation
+    prompt = torch.randn(3, 32, 32)
+    expected = pruner.hard_masks(prompt).masks
+    save_hypernet(hypernet, tmp_path / "hypernet")
+    loaded, spec = load_hypernet(tmp_path / "hypernet")
+    assert spec["hidden_size"] == 16
+    again = PassPruner(loaded, groups, pruner.allocator).hard_masks(prompt).masks
+    assert all(torch.equal(a, b) for a, b in zip(expected, again))
+
+
+def test_loading_onto_a_backbone_with_other_widths_fails(tmp_path) -> None:
+    _, _, hypernet, _ = _setup("resnet8")
+    save_hypernet(hypernet, tmp_path / "h")
+    loaded, _ = load_hypernet(tmp_path / "h")
+    groups = build_groups(create_backbone(ModelConfig(arch="vgg11_bn"), 10), 32)
+    with pytest.raises(ValueError, match="no mapper for group widths"):
+        PassPruner(loaded, groups, Allocator(groups.cost, BudgetConfig()))
+
+
+def test_tampered_hypernet_is_refused(tmp_path) -> None:
+    _, _, hypernet, _ = _setup("resnet8")
+    save_hypernet(hypernet, tmp_path / "h")
+    (tmp_path / "h" / "model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match="model.safetensors"):
+        load_hypernet(tmp_path / "h")
+    (tmp_path / "h" / "config.json").write_text("{")
+    with pytest.raises(ValueError, match="config.json"):
+        load_hypernet(tmp_path / "h")
+
+
+@pytest.mark.parametrize("kind,pixels", [("pad", 32 * 32 - 24 * 24), ("patch", 16), ("full", 32 * 32), ("none", 0)])
+def test_prompt_kinds(kind: str, pixels: int) -> None:
+    prompt = VisualPrompt(kind, 4, 32)
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.equal(prompt(x), x)  # starts as the identity
+    if kind == "none":
+        assert prompt.tensor() is None and not list(prompt.parameters())
+        return
+    assert int(prompt.mask.sum()) == pixels
+    with torch.no_grad():
+        prompt.values.fill_(1.0)
+    assert int((prompt(x) != x).sum()) == 2 * 3 * pixels  # only the prompt's pixels move
