@@ -26,7 +26,7 @@ from passray._state_io import save_state
 from passray.budget import Allocator
 from passray.config import Config, OptimConfig
 from passray.data import load_dataset, make_loaders
-from passray.export import (build_groups, check_equivalence, measure, save_pruned,
+from passray.export import (build_groups, check_equivalence, masks_from_structure, measure, save_pruned,
                             structure_record)
 from passray.hypernet import PassHypernet, PassPruner, group_statistics, save_hypernet
 from passray.importance import compute_scores
@@ -61,6 +61,11 @@ class Runtime:
     progress: bool = True
     export_dir: str | None = None  # rank 0 writes the final export here (None under Ray: it is in the checkpoint)
     fault: Callable[[str], None] = field(default=lambda msg: _raise(RuntimeError(msg)))
+    # Transfer: start PASS from a trained hypernet (frozen: only prompt and head are fitted),
+    # or skip search altogether with masks taken from a registered structure.
+    hypernet: PassHypernet | None = None
+    freeze_hypernet: bool = False
+    structure: dict[str, Any] | None = None
 
 
 def _raise(err: Exception) -> None:
@@ -155,9 +160,7 @@ class _Run:
     def _search_pass(self) -> None:
         cfg = self.cfg
         backbone = self.net.backbone
-        stats = group_statistics(self.groups, cfg.hypernet.stats_length)
-        self.hypernet = PassHypernet(stats.shape[1], self.groups.widths, cfg.hypernet.hidden_size,
-                                     cfg.hypernet.recurrent, self.net.prompt.enabled, cfg.hypernet.stats_length)
+        self.hypernet = self.rt.hypernet or self._new_hypernet()
         if self.restored is not None and "hypernet" in self.restored:
             self.hypernet.load_state_dict(self.restored["hypernet"])
         pruner = PassPruner(self.hypernet, self.groups, self.allocator, cfg.hypernet.magnitude_prior,
@@ -187,7 +190,8 @@ class _Run:
                 best.update(accuracy=out["accuracy"], masks=self._kept(allocation.masks))
             return {**out, "macs_ratio": float(allocation.ratio)}
 
-        params = [*pruner.hypernet.parameters(), *self.net.prompt.parameters(), *head.parameters()]
+        self.hypernet.requires_grad_(not self.rt.freeze_hypernet)
+        params = [*self.hypernet.parameters(), *self.net.prompt.parameters(), *head.parameters()]
         self.net.attach(self.groups, pruner)  # before _fit wraps the net: DDP must see the hypernet's parameters
         self._fit("search", self.net, params, cfg.search, on_epoch_start=anneal, evaluate=masked_eval)
         # The masks that validated best (the hypernet's initial ones included): val is for decisions.
@@ -200,6 +204,11 @@ class _Run:
     @staticmethod
     def _kept(masks: list[torch.Tensor]) -> list[list[int]]:
         return [torch.nonzero(m > 0.5).flatten().tolist() for m in masks]
+
+    def _new_hypernet(self) -> PassHypernet:
+        h = self.cfg.hypernet
+        stats_dim = group_statistics(self.groups, h.stats_length).shape[1]
+        return PassHypernet(stats_dim, self.groups.widths, h.hidden_size, h.recurrent, self.net.prompt.enabled, h.stats_length)
 
     def _freeze_all_but_head(self) -> nn.Module:
         head = classifier(self.net.backbone)
@@ -265,11 +274,11 @@ class _Run:
         self.allocator = Allocator(self.groups.cost, cfg.budget, self.device)
         if self.restored is not None and "masks" in self.restored:
             self.masks = [m.to(self.device) for m in self.restored["masks"]]
-        if cfg.method == "pass":
+        elif self.rt.structure is not None:
+            self.masks = [m.to(self.device) for m in masks_from_structure(self.rt.structure, self.groups)]
+        if cfg.method == "pass" and self.rt.structure is None:
             if self._done("finetune", -1):
-                stats = group_statistics(self.groups, cfg.hypernet.stats_length)
-                self.hypernet = PassHypernet(stats.shape[1], self.groups.widths, cfg.hypernet.hidden_size,
-                                             cfg.hypernet.recurrent, self.net.prompt.enabled, cfg.hypernet.stats_length)
+                self.hypernet = self.rt.hypernet or self._new_hypernet()
                 self.hypernet.load_state_dict(self.restored["hypernet"])
             else:
                 self._search_pass()
