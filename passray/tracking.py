@@ -1,0 +1,242 @@
+"""MLflow runs for passray: where to log, a fail-fast reachability check, and a ``Tracker``.
+
+Every call names its run id and goes through one ``MlflowClient``: Tune trials log from
+Ray workers in other processes, where MLflow's fluent "active run" stack does not exist.
+A parent run per sweep and one child run per trial (``mlflow.parentRunId``); a child with
+the same name under the same parent is reused, so a restarted trial resumes its run.
+
+Facts this module relies on (MLflow 3.x, ``mlflow/utils/validation.py``): a param value
+may hold 6000 characters, a key 250, and one ``log_batch`` 100 params / 1000 metrics.
+Params are immutable: logging the same key again with another value fails.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any, Mapping
+
+__all__ = ["EXPORT_ARTIFACT_PATH", "Tracker", "check_reachable", "masks_summary", "resolve_uri"]
+
+MAX_PARAM_LENGTH = 6000  # MAX_PARAM_VAL_LENGTH in mlflow/utils/validation.py
+MAX_KEY_LENGTH = 250
+EXPORT_ARTIFACT_PATH = "export"  # runs:/<id>/export is itself an export directory
+
+
+def resolve_uri(cfg_uri: str | None = None) -> str:
+    """Config value, else ``$MLFLOW_TRACKING_URI``, else ``sqlite:///<cwd>/mlflow.db`` (the registry needs a DB)."""
+    return cfg_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd().resolve() / 'mlflow.db'}"
+
+
+def _sqlite_path(uri: str) -> Path | None:
+    if not uri.startswith("sqlite:///") or uri.endswith(":memory:"):
+        return None
+    return Path(uri[len("sqlite:///"):].split("?", 1)[0])
+
+
+def check_reachable(uri: str, timeout: float = 5.0) -> None:
+    """Raise a one-line ``RuntimeError`` now, before any training, if ``uri`` cannot be logged to.
+
+    http(s): one GET of ``/health`` with a short timeout (MLflow's own client would retry
+    for minutes). sqlite: the database's folder must be writable. Other schemes pass.
+    """
+    if uri.startswith(("http://", "https://")):
+        url = uri.rstrip("/") + "/health"
+        try:
+            with urllib.request.urlopen(url, timeout=timeout) as response:
+                response.read(64)
+        except urllib.error.HTTPError as err:
+            if err.code >= 500:
+                raise RuntimeError(f"MLflow tracking server at {uri} is unreachable: HTTP {err.code}") from None
+        except (urllib.error.URLError, OSError) as err:
+            reason = getattr(err, "reason", err)
+            raise RuntimeError(f"MLflow tracking server at {uri} is unreachable: {reason}") from None
+        return
+    db = _sqlite_path(uri)
+    if db is not None:
+        folder = db.parent
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise RuntimeError(f"MLflow tracking store at {uri} is unreachable: {folder}: {err.strerror}") from None
+        if not os.access(folder, os.W_OK) or (db.exists() and not os.access(db, os.W_OK)):
+            raise RuntimeError(f"MLflow tracking store at {uri} is unreachable: {folder} is not writable")
+
+
+def _param_value(value: Any) -> str:
+    text = value if isinstance(value, str) else json.dumps(value, default=str)
+    return text if len(text) <= MAX_PARAM_LENGTH else text[:MAX_PARAM_LENGTH - 3] + "..."
+
+
+def _finite(value: Any) -> float | None:
+    if isinstance(value, (bool, str, bytes)) or not hasattr(value, "__float__"):
+        return None
+    try:
+        value = float(value)
+    except (TypeError, ValueError, RuntimeError):  # e.g. a tensor with several elements
+        return None
+    return value if math.isfinite(value) else None
+
+
+def masks_summary(structure: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """Group name -> kept count, width and keep fraction, from a ``structure.json`` dict."""
+    return {g["name"]: {"kept": len(g["kept"]), "width": g["width"], "keep_fraction": len(g["kept"]) / g["width"]}
+            for g in structure["groups"]}
+
+
+class Tracker:
+    """Thin, run-id-explicit wrapper over ``mlflow.MlflowClient``.
+
+    ``check=True`` calls ``check_reachable`` at construction. For http(s) stores it also
+    lowers MLflow's client retries (``MLFLOW_HTTP_REQUEST_MAX_RETRIES``/``_TIMEOUT``, only
+    when unset) so a server that dies mid-run costs seconds, not minutes.
+    """
+
+    def __init__(self, uri: str | None = None, *, check: bool = True) -> None:
+        import mlflow
+
+        self.uri = resolve_uri(uri)
+        if check:
+            check_reachable(self.uri)
+        if self.uri.startswith(("http://", "https://")):
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+        self.client = mlflow.MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
+
+    # ------------------------------------------------------------------ runs
+    def experiment_id(self, name: str) -> str:
+        """Get or create; a sqlite store keeps artifacts in ``mlartifacts/`` next to the DB, not in the cwd."""
+        from mlflow.exceptions import MlflowException
+
+        found = self.client.get_experiment_by_name(name)
+        if found is not None:
+            return found.experiment_id
+        location = None
+        db = _sqlite_path(self.uri)
+        if db is not None:
+            location = (db.parent / "mlartifacts" / re.sub(r"[^\w.-]+", "_", name)).resolve().as_uri()
+        try:
+            return self.client.create_experiment(name, artifact_location=location)
+        except MlflowException:  # created concurrently by another worker
+            found = self.client.get_experiment_by_name(name)
+            if found is None:
+                raise
+            return found.experiment_id
+
+    def _find_run(self, experiment_id: str, run_name: str, parent_run_id: str | None) -> str | None:
+        quoted = json.dumps(run_name)  # double-quoted literal, escapes included
+        where = f"attributes.run_name = {quoted}"
+        if parent_run_id:
+            where += f" and tags.mlflow.parentRunId = '{parent_run_id}'"
+        runs = self.client.search_runs([experiment_id], where, max_results=1, order_by=["attributes.start_time DESC"])
+        return runs[0].info.run_id if runs else None
+
+    def start_parent(self, experiment: str, run_name: str, params: Mapping[str, Any] | None = None,
+                     tags: Mapping[str, Any] | None = None, *, resume: bool = False) -> str:
+        """A top-level run (one per sweep); ``resume=True`` reuses the newest run of that name."""
+        exp_id = self.experiment_id(experiment)
+        run_id = self._find_run(exp_id, run_name, None) if resume else None
+        if run_id is None:
+            tags = {k: str(v) for k, v in (tags or {}).items()}
+            run_id = self.client.create_run(exp_id, run_name=run_name, tags=tags).info.run_id
+        else:
+            self.client.update_run(run_id, status="RUNNING")
+        self.log_params(run_id, params or {})
+        return run_id
+
+    def start_child(self, parent_run_id: str, run_name: str, params: Mapping[str, Any] | None = None,
+                    tags: Mapping[str, Any] | None = None) -> str:
+        """A run nested under ``parent_run_id``; the same name under the same parent resumes it."""
+        exp_id = self.client.get_run(parent_run_id).info.experiment_id
+        run_id = self._find_run(exp_id, run_name, parent_run_id)
+        if run_id is None:
+            all_tags = {"mlflow.parentRunId": parent_run_id, **{k: str(v) for k, v in (tags or {}).items()}}
+            run_id = self.client.create_run(exp_id, run_name=run_name, tags=all_tags).info.run_id
+        else:
+            self.client.update_run(run_id, status="RUNNING")
+        self.log_params(run_id, params or {})
+        return run_id
+
+    def end(self, run_id: str, status: str = "FINISHED") -> None:
+        """status: FINISHED | FAILED | KILLED."""
+        self.client.set_terminated(run_id, status=status)
+
+    # ------------------------------------------------------------------ data
+    def log_params(self, run_id: str, params: Mapping[str, Any]) -> None:
+        """Values become strings (lists/dicts as JSON), truncated to MLflow's 6000 characters."""
+        from mlflow.entities import Param
+
+        items = [Param(str(k)[:MAX_KEY_LENGTH], _param_value(v)) for k, v in params.items()]
+        for start in range(0, len(items), 100):
+            self.client.log_batch(run_id, params=items[start:start + 100])
+
+    def log_metrics(self, run_id: str, metrics: Mapping[str, Any], step: int = 0) -> dict[str, float]:
+        """Logs the finite numbers of ``metrics`` (strings, bools, NaN, inf are skipped); returns them."""
+        import time
+
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        kept = {str(k)[:MAX_KEY_LENGTH]: v for k, v in ((k, _finite(v)) for k, v in metrics.items()) if v is not None}
+        items = [Metric(k, v, now, int(step)) for k, v in kept.items()]
+        for start in range(0, len(items), 1000):
+            self.client.log_batch(run_id, metrics=items[start:start + 1000])
+        return kept
+
+    def log_config(self, run_id: str, cfg: Any) -> None:
+        """A ``passray.config.Config``: dotted params + the whole tree as ``config.yaml``."""
+        self.log_params(run_id, cfg.flat())
+        self.client.log_dict(run_id, cfg.to_dict(), "config.yaml")
+
+    def log_artifacts(self, run_id: str, local_dir: str | Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifacts(run_id, str(local_dir), artifact_path)
+
+    def log_dict(self, run_id: str, data: Any, path: str) -> None:
+        """JSON or YAML, picked by the file extension."""
+        self.client.log_dict(run_id, data, path)
+
+    def log_text(self, run_id: str, text: str, path: str) -> None:
+        self.client.log_text(run_id, text, path)
+
+    def log_figure(self, run_id: str, figure: Any, path: str) -> None:
+        """A matplotlib or plotly figure, saved by MLflow as an image artifact."""
+        self.client.log_figure(run_id, figure, path)
+
+    def has_export(self, run_id: str) -> bool:
+        """Whether ``run_id`` holds a logged export (``export/structure.json``); an unknown run is a ValueError."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self.client.get_run(run_id)
+        except MlflowException:
+            raise ValueError(f"unknown MLflow run {run_id!r} at {self.uri}") from None
+        return any(a.path.endswith("/structure.json") for a in self.client.list_artifacts(run_id, EXPORT_ARTIFACT_PATH))
+
+    def download_export(self, run_id: str, dst: str | Path) -> Path:
+        """The export ``log_export`` logged to ``run_id``, downloaded under ``dst``; returns its folder."""
+        if not self.has_export(run_id):
+            raise ValueError(f"run {run_id} has no logged export ({EXPORT_ARTIFACT_PATH}/structure.json)")
+        return Path(self.client.download_artifacts(run_id, EXPORT_ARTIFACT_PATH, str(dst)))
+
+    def log_export(self, run_id: str, export_dir: str | Path, artifact_path: str = EXPORT_ARTIFACT_PATH) -> None:
+        """structure.json, weights.safetensors, hypernet/ and masks.json under ``export/``.
+
+        ``runs:/<id>/export`` is then an export directory on its own (``download_export``),
+        which is what ``passray.registry register RUN_ID`` registers.
+        """
+        export_dir = Path(export_dir)
+        structure_path = export_dir / "structure.json"
+        if not structure_path.is_file():
+            raise FileNotFoundError(f"{structure_path}: missing structure file")
+        structure = json.loads(structure_path.read_text())
+        for name in ("structure.json", "weights.safetensors"):
+            if (export_dir / name).is_file():
+                self.client.log_artifact(run_id, str(export_dir / name), artifact_path)
+        if (export_dir / "hypernet").is_dir():
+            self.client.log_artifacts(run_id, str(export_dir / "hypernet"), f"{artifact_path}/hypernet")
+        self.client.log_dict(run_id, masks_summary(structure), f"{artifact_path}/masks.json")

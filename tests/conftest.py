@@ -1,0 +1,100 @@
+"""Shared fixtures: a real ``mlflow server`` process and small real PASS exports.
+
+- ``mlflow_server``: module-scoped, so every test module that uses it gets an empty
+  registry (aliases and version numbers are per model name, and tests compare them).
+  Tests using it carry ``@pytest.mark.mlflow_server``.
+- ``pass_exports``: two tiny PASS exports (resnet8 width 0.5 on digits, 1 epoch per
+  stage), built once per session: keep_ratio 0.5 / seed 0 and keep_ratio 0.3 / seed 1.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no tqdm bars in test logs
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # tests never phone home
+
+SERVER_START_TIMEOUT_S = 120  # first start migrates a new sqlite DB: ~10-20 s on 2 CPU cores
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on right now (bound, then released)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _healthy(uri: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{uri}/health", timeout=1) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory):
+    """URI of a fresh ``mlflow server`` (sqlite backend, proxied artifacts) on a free local port."""
+    root = tmp_path_factory.mktemp("mlflow_server")
+    port = free_port()
+    command = [str(Path(sys.executable).with_name("mlflow")), "server",
+               "--backend-store-uri", f"sqlite:///{root}/mlflow.db", "--artifacts-destination", str(root / "artifacts"),
+               "--serve-artifacts", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    log_path = root / "server.log"
+    with open(log_path, "wb") as log:
+        # a new session = a new process group, so teardown also stops the server's workers
+        # job execution would start 7 huey consumers per server; the tests need none
+        env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
+    uri = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + SERVER_START_TIMEOUT_S
+    try:
+        while not _healthy(uri):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                tail = log_path.read_text(errors="replace")[-2000:]
+                pytest.fail(f"mlflow server did not start (exit {proc.poll()}):\n{tail}")
+            time.sleep(0.5)
+        yield uri
+    finally:
+        _stop_group(proc)
+
+
+def _stop_group(proc: subprocess.Popen) -> None:
+    for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 5)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+TINY = ["model.arch=resnet8", "model.width=0.5", "data.name=digits", "data.limit_train=128", "pretrain.epochs=1",
+        "search.epochs=1", "finetune.epochs=1", "bn_recalibration_batches=2", "method=pass", "device=cpu"]
+
+
+@pytest.fixture(scope="session")
+def pass_exports(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """Two real PASS export dirs: [keep 0.5 / seed 0, keep 0.3 / seed 1] (~10 s each on 2 cores)."""
+    from passray.config import load_config
+    from passray.pipeline import Runtime, run
+
+    root = tmp_path_factory.mktemp("exports")
+    exports = []
+    for name, extra in (("k50", ["budget.keep_ratio=0.5", "seed=0"]), ("k30", ["budget.keep_ratio=0.3", "seed=1"])):
+        cfg = load_config(None, [*TINY, *extra, f"output_dir={root / name}"])
+        run(cfg, Runtime(export_dir=str(root / name), progress=False))
+        exports.append(root / name)
+    return exports
