@@ -136,7 +136,8 @@ def load_pruned(directory: str | Path, expect_backbone: str | None = None) -> tu
         raise ValueError(f"{directory}: backbone_id {structure['backbone_id']!r} does not match its model section")
     image_size = int(structure["input_size"][-1])
     backbone = create_backbone(model_cfg, int(structure["num_classes"]))
-    groups = build_groups(backbone, image_size)
+    with torch.enable_grad():  # Torch-Pruning traces with autograd, also when the caller is in no_grad
+        groups = build_groups(backbone, image_size)
     groups.prune(masks_from_structure(structure, groups, source=str(directory / "structure.json")))
     net = PrunableNet(backbone, VisualPrompt(structure["prompt"]["kind"], structure["prompt"]["size"], image_size))
     weights = directory / "weights.safetensors"

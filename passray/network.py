@@ -34,9 +34,9 @@ class PrunableNet(nn.Module):
 
     def fix_masks(self, masks: Sequence[torch.Tensor] | None) -> None:
         """Freeze the masks (the pruner stops driving them)."""
+        assert self.groups is not None, "attach(groups) before fixing masks"
         self.pruner = None
-        if self.groups is not None:
-            self.groups.set_masks(None if masks is None else [m.detach() for m in masks])
+        self.groups.set_masks(None if masks is None else [m.detach() for m in masks])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.pruner is not None:

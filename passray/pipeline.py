@@ -270,6 +270,7 @@ class _Run:
         if self.restored is None or not self._done("search", -1):
             self.meta["results"]["dense_val_accuracy"] = engine.evaluate(self.net, self.loaders.val, self.device, self.amp)["accuracy"]
         self.groups = build_groups(backbone, self.ds.image_size)
+        self.net.attach(self.groups)
         self.dense_macs = self.groups.cost.dense("macs")
         self.allocator = Allocator(self.groups.cost, cfg.budget, self.device)
         if self.restored is not None and "masks" in self.restored:

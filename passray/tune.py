@@ -83,10 +83,15 @@ def trial_config(base: dict[str, Any], values: dict[str, Any]) -> Config:
 
 # ---------------------------------------------------------------- one trial
 class _TuneReporter:
-    """In-process trials: ``tune.report`` each epoch (+ checkpoint) and the same metrics to MLflow."""
+    """In-process trials: ``tune.report`` each epoch (+ checkpoint) and the same metrics to MLflow.
 
-    def __init__(self, tracker: Tracker, run_id: str) -> None:
-        self.tracker, self.run_id, self.step = tracker, run_id, 0
+    The final report (stage ``done``) carries the export: it is logged to MLflow and the
+    child run closed *before* Tune hears of it, because Tune counts the trial finished
+    from that report on and a resumed experiment will not run it again.
+    """
+
+    def __init__(self, tracker: Tracker, run_id: str, cfg: Config) -> None:
+        self.tracker, self.run_id, self.cfg, self.step = tracker, run_id, cfg, 0
 
     def report(self, metrics: dict[str, Any], save_state) -> None:
         metrics = scalar_metrics(metrics)
@@ -97,7 +102,12 @@ class _TuneReporter:
             if save_state is not None:
                 save_state(Path(tmp))
                 checkpoint = tune.Checkpoint.from_directory(tmp)
-            tune.report({**metrics, "mlflow_run_id": self.run_id}, checkpoint=checkpoint)
+            if metrics.get("stage") == "done":
+                self.tracker.log_export(self.run_id, tmp)
+                self.tracker.log_config(self.run_id, self.cfg)
+                self.tracker.end(self.run_id, "FINISHED")
+            tune.report({**metrics, "mlflow_run_id": self.run_id, "node_id": ray.get_runtime_context().get_node_id()},
+                        checkpoint=checkpoint)
 
 
 def _restored() -> dict[str, Any] | None:
@@ -117,11 +127,9 @@ def run_trial(config: dict[str, Any]) -> None:
     tracker = Tracker(config["tracking_uri"], check=False)
     child = config.get("child_run_id") or tracker.start_child(
         config["parent_run_id"], context.get_trial_name(), params={**cfg.flat(), **config["values"]})
-    export = Path(tempfile.mkdtemp(prefix="passray-export-"))
     try:
         if cfg.train.num_workers == 0:
-            run(cfg, Runtime(reporter=_TuneReporter(tracker, child), restored=_restored(), progress=False,
-                             export_dir=str(export)))
+            run(cfg, Runtime(reporter=_TuneReporter(tracker, child, cfg), restored=_restored(), progress=False))
         else:
             from ray.tune.integration.ray_train import TuneReportCallback
 
@@ -132,10 +140,10 @@ def run_trial(config: dict[str, Any]) -> None:
                 raise RuntimeError(str(result.error).splitlines()[0])
             for step, row in enumerate(result.metrics_dataframe.to_dict("records")):
                 tracker.log_metrics(child, row, step=step)
-            copy_export(result.checkpoint, export)
-        tracker.log_export(child, export)
-        tracker.log_config(child, cfg)
-        tracker.end(child, "FINISHED")
+            with tempfile.TemporaryDirectory(prefix="passray-export-") as export:
+                tracker.log_export(child, copy_export(result.checkpoint, export))
+            tracker.log_config(child, cfg)
+            tracker.end(child, "FINISHED")
     except BaseException:
         tracker.end(child, "FAILED")
         raise
@@ -180,6 +188,7 @@ def _rows(results) -> list[dict[str, Any]]:
         rows.append({**merged, "trial": metrics.get("trial_id", "-"),
                      "macs_ratio": metrics.get("macs_ratio"), "val_accuracy": metrics.get("val_accuracy"),
                      "test_accuracy": metrics.get("test_accuracy"), "mlflow_run_id": metrics.get("mlflow_run_id"),
+                     "node_id": metrics.get("node_id"),
                      "status": "ERROR" if result.error else metrics.get("stage", "-")})
     return rows
 
@@ -218,8 +227,8 @@ def _report(rows: list[dict[str, Any]], front: list[dict[str, Any]], out: Path, 
 def _register(cfg: Config, rows: list[dict[str, Any]], front: list[dict[str, Any]], uri: str) -> None:
     from passray.registry import register_run
 
-    chosen = front if cfg.tune.objective == "multi" else sorted(
-        [r for r in rows if r["val_accuracy"] is not None], key=lambda r: -r["val_accuracy"])[:1]
+    done = [r for r in rows if r["status"] == "done" and r["val_accuracy"] is not None]
+    chosen = pareto_front(done) if cfg.tune.objective == "multi" else sorted(done, key=lambda r: -r["val_accuracy"])[:1]
     for row in chosen:
         if row.get("mlflow_run_id"):
             info = register_run(row["mlflow_run_id"], tracking_uri=uri)
