@@ -30,7 +30,7 @@ import yaml
 from passray._cli import format_table, run_cli
 from passray.tracking import Tracker, masks_summary, resolve_uri
 
-__all__ = ["KINDS", "budget_alias", "find", "load_registered_hypernet", "load_registered_structure", "main",
+__all__ = ["KINDS", "budget_alias", "describe", "find", "load_registered_hypernet", "load_registered_structure", "main",
            "model_name", "promote", "register_export", "register_run", "resolve"]
 
 KINDS = ("hypernet", "structure")
@@ -269,6 +269,16 @@ def load_registered_structure(uri: str, *, tracking_uri: str | None = None) -> t
 
     directory = _artifact_dir(resolve(uri, tracking_uri=tracking_uri), "export")
     return load_pruned(directory)[1], directory
+
+
+def describe(uri: str, *, tracking_uri: str | None = None) -> dict[str, Any]:
+    """Name, version (an alias resolved to the version it points at now) and tags: for lineage."""
+    with _mlflow_at(resolve_uri(tracking_uri)) as client:
+        version = _lookup(client, uri)
+        if version is None:
+            raise ValueError(f"{uri!r} names no version or alias")
+        return {"name": version.name, "version": int(version.version), "tags": dict(version.tags or {}),
+                "uri": f"models:/{version.name}/{version.version}"}
 
 
 def promote(name: str, version: int | str, alias: str = "champion", *, tracking_uri: str | None = None) -> None:

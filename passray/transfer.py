@@ -1,0 +1,141 @@
+"""``python -m passray.transfer``: reuse a registered hypernet or structure on a new dataset.
+
+Modes, each fine-tuned and reported against a fresh search at the same budget:
+- ``zero-shot``: the registered hypernet, frozen, picks the masks; only the prompt (and the
+  new head) are fitted for ``--prompt-epochs``;
+- ``warm-start``: PASS search continues from the registered hypernet;
+- ``mask``: the registered structure's kept channels are used as they are;
+- ``fresh``: PASS search from scratch (the reference).
+Every run is an MLflow child run tagged with the source model version (lineage).
+Incompatible sources fail with one line before anything is trained.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from passray._cli import format_table, load_from_args, make_parser, run_cli
+from passray.config import Config, apply_overrides, validate
+from passray.pipeline import Runtime, run
+from passray.registry import describe, find, load_registered_hypernet, load_registered_structure
+from passray.tracking import Tracker, resolve_uri
+
+__all__ = ["MODES", "main", "transfer"]
+
+MODES = ("zero-shot", "warm-start", "mask", "fresh")
+COLUMNS = ["mode", "source", "macs_ratio", "initial_masked_val_accuracy", "val_accuracy_before_finetune",
+           "val_accuracy", "test_accuracy", "search_seconds", "wall_seconds"]
+
+
+class _Reporter:
+    """Per-epoch metrics to the mode's MLflow child run; remembers when search ended."""
+
+    def __init__(self, tracker: Tracker, run_id: str) -> None:
+        self.tracker, self.run_id, self.step = tracker, run_id, 0
+        self.started, self.search_seconds = time.time(), 0.0
+
+    def report(self, metrics: dict[str, Any], save_state) -> None:
+        self.tracker.log_metrics(self.run_id, metrics, step=self.step)
+        self.step += 1
+        if metrics.get("stage") == "search":
+            self.search_seconds = time.time() - self.started
+
+
+def _aligned(cfg: Config, spec: dict[str, Any]) -> Config:
+    """The hypernet's own sizes and prompt win over the config's (they define its weights)."""
+    prompt = spec.get("prompt", {})
+    return validate(apply_overrides(cfg.to_dict(), [
+        f"hypernet.hidden_size={spec['hidden_size']}", f"hypernet.recurrent={json.dumps(spec['recurrent'])}",
+        f"hypernet.stats_length={spec['stats_length']}", f"prompt.kind={prompt.get('kind', cfg.prompt.kind)}",
+        f"prompt.size={prompt.get('size', cfg.prompt.size)}", "method=pass"]))
+
+
+def _structure_uri(source: dict[str, Any], uri: str) -> str:
+    """The structure registered from the same run as the hypernet."""
+    for entry in find(kind="structure", arch=source["tags"].get("arch"), tracking_uri=uri):
+        if entry["tags"].get("source_run") == source["tags"].get("source_run"):
+            return entry["uri"]
+    raise ValueError(f"no registered structure comes from the run of {source['uri']}; pass --structure")
+
+
+def _check_compatible(cfg: Config, hypernet, structure: dict[str, Any] | None) -> None:
+    """Refuse a source whose widths/groups do not fit the target backbone, before training."""
+    from passray.data import load_dataset
+    from passray.export import build_groups, masks_from_structure
+    from passray.models import create_backbone
+
+    ds = load_dataset(cfg.data)
+    groups = build_groups(create_backbone(cfg.model.model_copy(update={"weights": None}), ds.num_classes), ds.image_size)
+    hypernet.check_widths(groups.widths)
+    if structure is not None:
+        masks_from_structure(structure, groups, source="registered structure")
+
+
+def transfer(cfg: Config, source_uri: str, modes: list[str], structure_uri: str | None = None,
+             prompt_epochs: int = 1) -> list[dict[str, Any]]:
+    uri = resolve_uri(cfg.tracking.uri)
+    tracker = Tracker(uri)
+    source = describe(source_uri, tracking_uri=uri)
+    hypernet, spec = load_registered_hypernet(source["uri"], tracking_uri=uri)
+    cfg = _aligned(cfg, spec)
+    structure = None
+    if "mask" in modes:
+        structure_uri = structure_uri or _structure_uri(source, uri)
+        structure, _ = load_registered_structure(structure_uri, tracking_uri=uri)
+    _check_compatible(cfg, hypernet, structure)
+    lineage = {"passray.source_model": source["name"], "passray.source_version": str(source["version"]),
+               "passray.source_uri": source_uri, "passray.source_run": source["tags"].get("source_run", "")}
+    parent = tracker.start_parent(cfg.tracking.experiment, f"transfer-{source['name']}-v{source['version']}",
+                                  params=cfg.flat(), tags=lineage)
+    rows = []
+    for mode in modes:
+        mode_cfg, runtime = cfg, Runtime(progress=False)
+        if mode == "zero-shot":
+            mode_cfg = validate(apply_overrides(cfg.to_dict(), [f"search.epochs={prompt_epochs}"]))
+            runtime = Runtime(progress=False, hypernet=load_registered_hypernet(source["uri"], tracking_uri=uri)[0],
+                              freeze_hypernet=True)
+        elif mode == "warm-start":
+            runtime = Runtime(progress=False, hypernet=load_registered_hypernet(source["uri"], tracking_uri=uri)[0])
+        elif mode == "mask":
+            runtime = Runtime(progress=False, structure=structure)
+        child = tracker.start_child(parent, mode, params=mode_cfg.flat(), tags={**lineage, "passray.transfer_mode": mode})
+        reporter = _Reporter(tracker, child)
+        runtime.reporter = reporter
+        with tempfile.TemporaryDirectory(prefix="passray-transfer-") as export:
+            runtime.export_dir = export
+            try:
+                result = run(mode_cfg, runtime)
+            except BaseException:
+                tracker.end(child, "FAILED")
+                raise
+            tracker.log_export(child, export)
+        tracker.end(child, "FINISHED")
+        rows.append({"mode": mode, "source": f"{source['name']} v{source['version']}",
+                     "search_seconds": reporter.search_seconds, **result})
+    tracker.log_dict(parent, rows, "transfer.json")
+    tracker.end(parent, "FINISHED")
+    return rows
+
+
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+    parser = make_parser("passray.transfer", __doc__.split("\n\n")[0])
+    parser.add_argument("--from", dest="source", required=True, help="models:/passray-hypernet-<arch>@champion or /VERSION")
+    parser.add_argument("--structure", help="registered structure for --modes mask (default: the hypernet's sibling)")
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    parser.add_argument("--prompt-epochs", type=int, default=1, help="zero-shot: epochs fitting only prompt and head")
+    args = parser.parse_args(argv)
+    cfg = load_from_args(args)
+    rows = transfer(cfg, args.source, args.modes, args.structure, args.prompt_epochs)
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "transfer.json").write_text(json.dumps(rows, indent=1, default=str))
+    print(format_table(rows, COLUMNS))
+    return rows
+
+
+if __name__ == "__main__":
+    run_cli(main, "passray.transfer")

@@ -1,0 +1,95 @@
+"""passray.transfer: a hypernet searched on digits 0-4, registered, reused on digits 5-9."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from passray.config import load_config
+from passray.pipeline import Runtime, pretrain, run
+
+COMMON = ["model.arch=convnet", "model.width=0.25", "data.limit_train=160", "data.batch_size=32",
+          "bn_recalibration_batches=2", "search.epochs=1", "finetune.epochs=1", "hypernet.hidden_size=8"]
+
+
+@pytest.fixture(scope="module")
+def registered(tmp_path_factory):
+    from passray.registry import register_export
+
+    root = tmp_path_factory.mktemp("transfer")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    weights = root / "backbone.safetensors"
+    pretrain(load_config(None, COMMON + ["data.classes=[0,1,2,3,4]", "pretrain.epochs=2"]), weights, Runtime(progress=False))
+    source = load_config(None, COMMON + ["data.classes=[0,1,2,3,4]", f"model.weights={weights}"])
+    run(source, Runtime(export_dir=str(root / "export"), progress=False))
+    info = register_export(root / "export", tracking_uri=uri, experiment="source")
+    return {"uri": uri, "weights": weights, "root": root, "info": info}
+
+
+def _target(registered, *extra: str):
+    return load_config(None, COMMON + ["data.classes=[5,6,7,8,9]", f"model.weights={registered['weights']}",
+                                       f"tracking.uri={registered['uri']}", "tracking.experiment=transfer",
+                                       f"output_dir={registered['root'] / 'out'}", *extra])
+
+
+def test_all_modes_run_and_log_lineage(registered) -> None:
+    import mlflow
+
+    from passray.transfer import MODES, transfer
+
+    rows = transfer(_target(registered), "models:/passray-hypernet-convnet@champion", list(MODES))
+    assert [r["mode"] for r in rows] == list(MODES)
+    for row in rows:
+        assert 0.0 <= row["test_accuracy"] <= 1.0
+        assert row["macs_ratio"] <= 0.5 + 1e-9
+    client = mlflow.MlflowClient(tracking_uri=registered["uri"])
+    exp = client.get_experiment_by_name("transfer")
+    runs = client.search_runs([exp.experiment_id])
+    version = str(registered["info"]["hypernet"]["version"])
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert sorted(r.data.tags["passray.transfer_mode"] for r in children) == sorted(MODES)
+    assert all(r.data.tags["passray.source_version"] == version for r in runs)
+    assert all(r.info.status == "FINISHED" for r in runs)
+
+
+def test_zero_shot_keeps_the_hypernet_frozen(registered) -> None:
+    import torch
+
+    from passray.registry import load_registered_hypernet
+    from passray.transfer import transfer
+
+    before, _ = load_registered_hypernet("models:/passray-hypernet-convnet@champion", tracking_uri=registered["uri"])
+    transfer(_target(registered, "finetune.epochs=0"), "models:/passray-hypernet-convnet@champion", ["zero-shot"])
+    out = Path(registered["root"])  # the export of the run is logged; reload the hypernet it carries
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=registered["uri"])
+    exp = client.get_experiment_by_name("transfer")
+    latest = client.search_runs([exp.experiment_id], "tags.`passray.transfer_mode` = 'zero-shot'",
+                                order_by=["attributes.start_time DESC"])[0]
+    local = client.download_artifacts(latest.info.run_id, "export/hypernet", str(out / "zs"))
+    from passray.hypernet import load_hypernet
+
+    after, _ = load_hypernet(local)
+    for (name, a), (_, b) in zip(before.state_dict().items(), after.state_dict().items()):
+        assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("override,source,needle", [
+    (["model.width=0.5"], "models:/passray-hypernet-convnet@champion", "no mapper for group widths"),
+    ([], "models:/passray-hypernet-convnet@nonexistent", "no alias 'nonexistent'"),
+    ([], "models:/passray-hypernet-nonexistent@champion", "unknown registered model"),
+])
+def test_incompatible_or_unknown_source_fails_before_training(registered, override, source, needle) -> None:
+    import mlflow
+
+    from passray.transfer import MODES, transfer
+
+    client = mlflow.MlflowClient(tracking_uri=registered["uri"])
+    before = client.get_experiment_by_name("transfer")
+    count = len(client.search_runs([before.experiment_id])) if before else 0
+    with pytest.raises(ValueError, match=needle):
+        transfer(_target(registered, *override), source, list(MODES))
+    after = client.get_experiment_by_name("transfer")
+    assert (len(client.search_runs([after.experiment_id])) if after else 0) == count
