@@ -1,0 +1,251 @@
+"""Ray Train layer (passray.train) on a real local Ray cluster, gloo on CPU.
+
+Each test runs tiny jobs (convnet width 0.25 on 16x16 synthetic images, a handful of
+steps); what dominates is Ray starting worker groups, so the file keeps the number of
+``fit`` calls small. Evidence of what ran comes from the controller (a ``UserCallback``
+that logs every report and worker exception to a file) and from the checkpoints, never
+from timing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from passray._state_io import load_state
+from passray.config import Config, validate
+
+pytestmark = pytest.mark.ray
+
+POLL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    ray = pytest.importorskip("ray")
+    # The controller polls workers for reports every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (2 s);
+    # passray waits for each checkpoint's commit, so a shorter poll makes tiny runs faster.
+    saved = os.environ.get(POLL_ENV)
+    os.environ[POLL_ENV] = "0.5"
+    ray.init(num_cpus=4, include_dashboard=False)
+    yield ray
+    ray.shutdown()
+    if saved is None:
+        os.environ.pop(POLL_ENV, None)
+    else:
+        os.environ[POLL_ENV] = saved
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = _merge(out.get(key, {}), value) if isinstance(value, dict) else value
+    return out
+
+
+def _cfg(tmp_path: Path, **over: Any) -> Config:
+    base = {
+        "model": {"arch": "convnet", "width": 0.25},
+        "data": {"name": "synthetic", "num_samples": 64, "image_size": 16, "batch_size": 8,
+                 "eval_batch_size": 64, "augment": False, "limit_train": 32},
+        "pretrain": {"epochs": 0}, "search": {"epochs": 1}, "finetune": {"epochs": 1},
+        "bn_recalibration_batches": 2, "output_dir": str(tmp_path / "out"),
+        "train": {"num_workers": 2, "cpus_per_worker": 1, "storage_path": str(tmp_path / "ray_results")},
+    }
+    return validate(_merge(base, over))
+
+
+def _run_log(path: Path):
+    """A controller-side callback appending every report / worker exception to ``path``.
+
+    Defined inside a function so cloudpickle ships the class by value (the controller
+    process cannot import this test module).
+    """
+    from ray.train import UserCallback
+
+    class RunLog(UserCallback):
+        def after_report(self, run_context, metrics, checkpoint):
+            with open(path, "a") as f:
+                f.write(json.dumps({"event": "report", "stage": metrics[0].get("stage"),
+                                    "epoch": metrics[0].get("epoch"), "checkpoint": checkpoint is not None,
+                                    "ranks": len(metrics)}) + "\n")
+
+        def after_exception(self, run_context, worker_exceptions):
+            with open(path, "a") as f:
+                f.write(json.dumps({"event": "exception", "ranks": sorted(worker_exceptions)}) + "\n")
+
+    return RunLog()
+
+
+def _events(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def _reports(events: list[dict[str, Any]]) -> list[tuple[str, Any]]:
+    return [(e["stage"], e["epoch"]) for e in events if e["event"] == "report"]
+
+
+def _history(checkpoint: str) -> list[tuple[str, int]]:
+    return [(h["stage"], h["epoch"]) for h in load_state(checkpoint)["meta"]["history"]]
+
+
+# ---------------------------------------------------------------- without Ray running
+def test_run_name_is_stable_and_ignores_how_it_runs(tmp_path):
+    from passray.train import run_name, storage_uri
+
+    a = _cfg(tmp_path)
+    b = _cfg(tmp_path / "elsewhere", train={"num_workers": 1, "max_failures": 3})
+    assert run_name(a) == run_name(b) == run_name(validate(a.to_dict()))
+    assert run_name(a).startswith("passray-pass-convnet-")
+    assert run_name(_cfg(tmp_path, budget={"keep_ratio": 0.25})) != run_name(a)
+    assert run_name(_cfg(tmp_path, train={"name": "mine"})) == "mine"
+    assert storage_uri("rel/dir") == str((Path.cwd() / "rel/dir").resolve())
+    assert storage_uri("s3://bucket/x") == "s3://bucket/x"
+
+
+def test_scalar_metrics_keeps_what_ray_can_carry():
+    import numpy as np
+
+    from passray.train import scalar_metrics
+
+    out = scalar_metrics({"stage": "search", "epoch": 1, "acc": torch.tensor(0.5), "n": np.int64(3),
+                          "bad": float("nan"), "none": None, "vec": torch.zeros(2), "lat": {"ms": 1.5}})
+    assert out == {"stage": "search", "epoch": 1, "acc": 0.5, "n": 3, "lat.ms": 1.5}
+    assert all(type(v) in (str, int, float, bool) for v in out.values())
+
+
+def test_core_does_not_import_ray():
+    code = "import sys, passray, passray.pipeline, passray.prune; sys.exit('ray' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], timeout=120).returncode == 0
+
+
+def test_cli_help_and_bad_key_do_not_start_ray(tmp_path):
+    env_cwd = dict(cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    helped = subprocess.run([sys.executable, "-m", "passray.train", "--help"], **env_cwd)
+    assert helped.returncode == 0, helped.stderr
+    assert "train.num_workers" in helped.stdout and "--set" in helped.stdout
+    bad = subprocess.run([sys.executable, "-m", "passray.train", "--set", "train.nmu_workers=2"], **env_cwd)
+    assert bad.returncode == 2
+    lines = bad.stderr.strip().splitlines()
+    assert len(lines) == 1 and "train.nmu_workers" in lines[0], bad.stderr
+    assert "Ray" not in bad.stdout + bad.stderr  # failed before ray.init
+    assert not (tmp_path / "ray_results").exists()
+
+
+# ---------------------------------------------------------------- on a local Ray cluster
+def test_two_workers_match_one_worker_with_double_batch(ray_cluster, tmp_path):
+    """After ONE search step, 2 workers x batch b == 1 worker x batch 2b (hypernet, prompt, head).
+
+    What makes it exact rather than lucky:
+    - the train split is exactly 2b images and drop_last holds, so the search is one step
+      and the union of the two ranks' batches (DistributedSampler gives rank r the
+      indices r::2 of the same seeded permutation) is the single worker's batch; the mean
+      loss and DDP's gradient average then agree up to float summation order;
+    - ``hypernet.batch_norm: frozen``: train-mode BN statistics depend on the per-worker
+      batch, and SyncBatchNorm is CUDA-only, so it cannot make gloo/CPU runs agree;
+    - ``bn_recalibration_batches: 0``: recalibration reads each rank's own shard (and DDP
+      then broadcasts rank 0's buffers), which would differ from one worker's statistics;
+    - no augmentation (seeded per rank), no pretraining, the same seed, no dropout in the
+      model; SGD, whose update is linear in the gradient (Adam's first step is ~lr*sign(g),
+      which amplifies rounding wherever g is near zero);
+    - ``finetune.epochs: 0``, so the exported prompt and head are the post-search values.
+    """
+    b = 8
+    common = dict(data={"batch_size": b, "limit_train": 2 * b}, hypernet={"batch_norm": "frozen"},
+                  search={"epochs": 1, "optimizer": "sgd", "lr": 0.5, "weight_decay": 0.0},
+                  finetune={"epochs": 0}, bn_recalibration_batches=0)
+    from passray.train import fit
+
+    one = _cfg(tmp_path, **_merge(common, {"data": {"batch_size": 2 * b}, "train": {"num_workers": 1}}))
+    two = _cfg(tmp_path, **_merge(common, {"train": {"num_workers": 2}}))
+    m1, c1 = fit(one, name="equiv-1")
+    m2, c2 = fit(two, name="equiv-2")
+    for ckpt in (c1, c2):
+        assert [h for h in _history(ckpt) if h[0] == "search"] == [("search", 0)]
+
+    h1, h2 = load_file(f"{c1}/hypernet/model.safetensors"), load_file(f"{c2}/hypernet/model.safetensors")
+    assert h1.keys() == h2.keys()
+    for key in h1:
+        torch.testing.assert_close(h2[key], h1[key], atol=1e-5, rtol=0, msg=f"hypernet {key}")
+    assert json.loads(Path(c1, "structure.json").read_text())["groups"] == \
+        json.loads(Path(c2, "structure.json").read_text())["groups"]
+    w1, w2 = load_file(f"{c1}/weights.safetensors"), load_file(f"{c2}/weights.safetensors")
+    for key in w1:
+        torch.testing.assert_close(w2[key], w1[key], atol=1e-5, rtol=0, msg=f"weights {key}")
+    # The step really moved things (the prompt starts at zero), so 1e-5 is a real test;
+    # without DDP syncing the hypernet, its mapper biases differed by ~1e-3 here.
+    assert w1["prompt.values"].abs().max() > 1e-4
+    # Not compared: val metrics. DistributedSampler pads an odd val split (13 images here)
+    # to a multiple of the world size, so 2 workers score 14 samples, one of them twice.
+    assert m1["stage"] == m2["stage"] == "done"
+
+
+def test_worker_death_restarts_from_last_checkpoint(ray_cluster, tmp_path):
+    """A real worker crash (os._exit) mid-epoch: Ray restarts the group from the last
+    checkpoint; only the epoch that crashed is run again, no earlier one."""
+    from passray.train import fit
+
+    # 48 images / (2 workers x 8) = 3 steps per epoch: search e0 = steps 0-2, e1 = 3-5.
+    cfg = _cfg(tmp_path, data={"limit_train": 48}, search={"epochs": 2}, finetune={"epochs": 1},
+               train={"fail_at_step": 4, "max_failures": 1})
+    log = tmp_path / "run.jsonl"
+    metrics, ckpt = fit(cfg, name="fault", callbacks=[_run_log(log)])
+
+    events = _events(log)
+    kinds = [e["event"] for e in events]
+    assert kinds.count("exception") >= 1, events  # the crash was seen by the controller
+    first_crash = kinds.index("exception")
+    assert _reports(events[:first_crash]) == [("search", 0)]  # died inside search epoch 1
+    assert _reports(events) == [("search", 0), ("search", 1), ("finetune", 0), ("done", None)]
+    assert all(e["ranks"] == 2 for e in events if e["event"] == "report")
+    assert _history(ckpt) == [("search", 0), ("search", 1), ("finetune", 0)]
+    assert metrics["stage"] == "done" and 0.0 <= metrics["val_accuracy"] <= 1.0
+    assert Path(ckpt, "structure.json").is_file() and Path(ckpt, "hypernet", "model.safetensors").is_file()
+
+
+def test_rerun_with_same_name_resumes(ray_cluster, tmp_path, capsys):
+    """A run that dies (max_failures=0) is resumed by re-running the same (storage_path, name)."""
+    from passray.train import copy_export, fit
+
+    crash = _cfg(tmp_path, search={"epochs": 2}, finetune={"epochs": 1},
+                 train={"name": "resume-me", "fail_at_step": 5, "max_failures": 0})  # 2 steps/epoch: fine-tune e0
+    with pytest.raises(RuntimeError, match="resume-me"):
+        fit(crash)
+    snapshot = json.loads(Path(tmp_path, "ray_results", "resume-me", "checkpoint_manager_snapshot.json").read_text())
+    assert snapshot["latest_checkpoint_result"]["metrics"]["stage"] == "search"
+
+    log = tmp_path / "run.jsonl"
+    again = _cfg(tmp_path, search={"epochs": 2}, finetune={"epochs": 1}, train={"name": "resume-me"})
+    metrics, ckpt = fit(again, callbacks=[_run_log(log)])
+    assert _reports(_events(log)) == [("finetune", 0), ("done", None)]  # search was not run again
+    assert _history(ckpt) == [("search", 0), ("search", 1), ("finetune", 0)]
+    assert metrics["stage"] == "done"
+
+    out = copy_export(ckpt, tmp_path / "export")
+    assert {p.name for p in out.iterdir()} == {"structure.json", "weights.safetensors", "hypernet"}
+
+    # The CLI on the finished run (Ray already up, so it is reused): it resumes from the
+    # final checkpoint, only re-evaluates, prints the table and writes output_dir.
+    from passray.train import main
+
+    config = tmp_path / "again.yaml"
+    config.write_text(yaml.safe_dump(again.to_dict()))
+    metrics2 = main(["--config", str(config)])
+    printed = capsys.readouterr().out
+    assert any(line.split()[:2] == ["method", "keep_ratio"] for line in printed.splitlines()), printed
+    assert metrics2["val_accuracy"] == pytest.approx(metrics["val_accuracy"])
+    out = Path(again.output_dir)
+    assert {p.name for p in out.iterdir()} == {"structure.json", "weights.safetensors", "hypernet", "results.json"}
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["config"]["train"]["name"] == "resume-me" and saved["result"]["stage"] == "done"
+    assert Path(saved["checkpoint"]).parent == Path(ckpt).parent  # same run directory
+    assert _history(saved["checkpoint"]) == [("search", 0), ("search", 1), ("finetune", 0)]  # nothing re-trained
