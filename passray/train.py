@@ -85,11 +85,19 @@ class RayReporter:
     in progress (the other ranks wait for rank 0 at their next collective).
     """
 
-    def __init__(self, writes_checkpoints: bool) -> None:
+    def __init__(self, writes_checkpoints: bool, mlflow_run: tuple[str, str] | None = None) -> None:
         self.writes_checkpoints = writes_checkpoints
+        self.tracker, self.run_id, self.step = None, None, 0
+        if mlflow_run is not None and writes_checkpoints:  # rank 0 also logs every epoch to MLflow
+            from passray.tracking import Tracker
+
+            self.tracker, self.run_id = Tracker(mlflow_run[0], check=False), mlflow_run[1]
 
     def report(self, metrics: dict[str, Any], save_state: Callable[[Path], None] | None) -> None:
         metrics = scalar_metrics(metrics)
+        if self.tracker is not None:
+            self.tracker.log_metrics(self.run_id, metrics, step=self.step)
+            self.step += 1
         if not self.writes_checkpoints or save_state is None:
             ray.train.report(metrics, checkpoint=None)
             return
@@ -137,7 +145,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
         with checkpoint.as_directory() as directory:
             restored = load_state(directory)
     run(cfg, Runtime(rank=rank, world_size=world_size, device=device, wrap=_wrapper(world_size, device),
-                     reporter=RayReporter(writes_checkpoints=rank == 0), restored=restored,
+                     reporter=RayReporter(rank == 0, config.get("mlflow_run")), restored=restored,
                      progress=rank == 0, export_dir=None, fault=_die))
 
 
@@ -158,12 +166,15 @@ def storage_uri(path: str) -> str:
     return path if "://" in path else str(Path(path).expanduser().resolve())
 
 
-def build_trainer(cfg: Config, *, name: str | None = None, callbacks: list | None = None) -> TorchTrainer:
-    """A ``TorchTrainer`` for ``cfg``; the backend is gloo on CPU, NCCL with GPUs (TorchConfig default)."""
+def build_trainer(cfg: Config, *, name: str | None = None, callbacks: list | None = None,
+                  mlflow_run: tuple[str, str] | None = None) -> TorchTrainer:
+    """A ``TorchTrainer`` for ``cfg``; the backend is gloo on CPU, NCCL with GPUs (TorchConfig default).
+
+    ``mlflow_run=(tracking_uri, run_id)``: rank 0 logs each epoch's metrics to that run."""
     resources = {"CPU": cfg.train.cpus_per_worker, **({"GPU": 1} if cfg.train.use_gpu else {})}
     return TorchTrainer(
         train_fn_per_worker,
-        train_loop_config={"cfg": cfg.to_dict()},
+        train_loop_config={"cfg": cfg.to_dict(), "mlflow_run": list(mlflow_run) if mlflow_run else None},
         scaling_config=ScalingConfig(num_workers=max(cfg.train.num_workers, 1), use_gpu=cfg.train.use_gpu,
                                      resources_per_worker=resources),
         run_config=RunConfig(name=name or run_name(cfg), storage_path=storage_uri(cfg.train.storage_path),
@@ -187,10 +198,11 @@ def _one_line(err: Exception) -> str:
     return "; ".join(causes) or _first_line(getattr(err, "controller_failure", None) or err)
 
 
-def fit(cfg: Config, name: str | None = None, callbacks: list | None = None) -> tuple[dict[str, Any], str]:
+def fit(cfg: Config, name: str | None = None, callbacks: list | None = None,
+        mlflow_run: tuple[str, str] | None = None) -> tuple[dict[str, Any], str]:
     """Run (or resume) ``cfg`` on Ray Train; returns the final metrics and the final
     checkpoint's path (a URI for remote storage), which holds the export."""
-    trainer = build_trainer(cfg, name=name, callbacks=callbacks)
+    trainer = build_trainer(cfg, name=name, callbacks=callbacks, mlflow_run=mlflow_run)
     name = trainer.run_config.name
     try:
         result = trainer.fit()  # V2 raises result.error itself; the check below is belt and braces

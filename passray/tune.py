@@ -25,7 +25,7 @@ from passray._cli import format_table, make_parser, run_cli
 from passray.config import Config, ConfigError, apply_overrides, load_config, validate
 from passray.pipeline import Runtime, pretrain, run
 from passray.tracking import Tracker, resolve_uri
-from passray.train import build_trainer, copy_export, scalar_metrics, storage_uri
+from passray.train import copy_export, fit, scalar_metrics, storage_uri
 
 __all__ = ["DEFAULT_CONFIG", "build_space", "main", "pareto_front"]
 
@@ -133,15 +133,10 @@ def run_trial(config: dict[str, Any]) -> None:
         else:
             from ray.tune.integration.ray_train import TuneReportCallback
 
-            trainer = build_trainer(cfg, name=f"{config['experiment']}-{context.get_trial_id()}",
-                                    callbacks=[TuneReportCallback()])
-            result = trainer.fit()
-            if result.error is not None:
-                raise RuntimeError(str(result.error).splitlines()[0])
-            for step, row in enumerate(result.metrics_dataframe.to_dict("records")):
-                tracker.log_metrics(child, row, step=step)
+            _, checkpoint = fit(cfg, name=f"{config['experiment']}-{context.get_trial_id()}",
+                                callbacks=[TuneReportCallback()], mlflow_run=(config["tracking_uri"], child))
             with tempfile.TemporaryDirectory(prefix="passray-export-") as export:
-                tracker.log_export(child, copy_export(result.checkpoint, export))
+                tracker.log_export(child, copy_export(checkpoint, export))
             tracker.log_config(child, cfg)
             tracker.end(child, "FINISHED")
     except BaseException:

@@ -72,7 +72,9 @@ def test_budget_met_with_min_channels_and_rounding(allocation: str, kind: str) -
         assert (kept >= 16).all() and (kept % 8 == 0).all()
         assert all(int(m.sum()) == int(k) for m, k in zip(result.masks, kept))
         assert float(result.ratio) <= keep + 1e-9
-        assert keep - float(result.ratio) < 0.01, (kind, allocation, keep, float(result.ratio))
+        # Uniform + round_to moves every group at once by round_to channels: coarser steps.
+        tolerance = 0.01 if allocation == "global" else 0.02
+        assert keep - float(result.ratio) < tolerance, (kind, allocation, keep, float(result.ratio))
 
 
 def test_global_allocation_keeps_highest_scores() -> None:

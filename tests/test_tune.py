@@ -180,3 +180,23 @@ def test_resume_finishes_without_rerunning_finished_trials(tmp_path: Path) -> No
     assert first.read_text().count('"stage": "done"') == done_lines_before  # not re-run
     rows = json.loads((exp / "results.json").read_text())["trials"]
     assert len(rows) == 3 and all(r["status"] == "done" for r in rows)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_trials_as_ray_train_trainers_log_every_epoch(tmp_path: Path) -> None:
+    """train.num_workers >= 1: each trial is a TorchTrainer; rank 0 logs each epoch to the trial's run."""
+    import mlflow
+
+    path = _write(tmp_path, tune__num_samples=1, train__num_workers=1, train__cpus_per_worker=1)
+    env = {**os.environ, "RAY_ADDRESS": "local"}
+    proc = subprocess.run([sys.executable, "-m", "passray.tune", "--config", str(path)], env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    child = [r for r in _mlflow_runs(uri, "tiny") if "mlflow.parentRunId" in r.data.tags]
+    assert len(child) == 1 and child[0].info.status == "FINISHED"
+    history = client.get_metric_history(child[0].info.run_id, "val_accuracy")
+    assert len(history) >= 3  # search, finetune, done
+    assert any(a.path == "export" for a in client.list_artifacts(child[0].info.run_id))
