@@ -184,8 +184,11 @@ class TensorLoader:
         self.batch_size, self.augment, self.drop_last = batch_size, augment, drop_last
         self.rank, self.seed, self.channels_last = rank, seed, channels_last
         self.epoch = 0
-        self.sampler = DistributedSampler(range(len(split)), num_replicas=world_size, rank=rank,
-                                          shuffle=shuffle, seed=seed, drop_last=drop_last)
+        if shuffle or drop_last:
+            self.sampler = DistributedSampler(range(len(split)), num_replicas=world_size, rank=rank,
+                                              shuffle=shuffle, seed=seed, drop_last=drop_last)
+        else:  # evaluation: an exact partition (DistributedSampler would pad by repeating samples)
+            self.sampler = range(rank, len(split), world_size)
         std_t = torch.tensor(std, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
         mean_t = torch.tensor(mean, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
         self._scale = 1.0 / (255.0 * std_t)  # (x/255 - mean)/std == x*scale + shift
@@ -193,7 +196,8 @@ class TensorLoader:
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
-        self.sampler.set_epoch(epoch)
+        if isinstance(self.sampler, DistributedSampler):
+            self.sampler.set_epoch(epoch)
 
     def __len__(self) -> int:
         n = len(self.sampler)
