@@ -133,16 +133,20 @@ class _Run:
             wrapped.train()
             if on_epoch_start is not None:
                 on_epoch_start(epoch)
+            tic = time.perf_counter()
             train = engine.run_epoch(wrapped, loaders.train, self.device, optimizer=self.optimizer,
                                      scheduler=self.scheduler, amp=self.amp, label_smoothing=ocfg.label_smoothing,
                                      on_step=self._on_step, step_offset=self.meta["global_step"],
                                      desc=f"{stage} {epoch + 1}/{ocfg.epochs}", progress=self.rt.progress)
+            seconds = time.perf_counter() - tic  # run_epoch ends in a host read: the device is done
             self.meta["global_step"] += len(loaders.train)
             val = evaluate() if evaluate else engine.evaluate(module, loaders.val, self.device, self.amp)
             self.meta.update(stage=stage, epoch=epoch)
             self.meta["results"][f"{stage}_val_accuracy"] = val["accuracy"]
             self._report({"stage": stage, "epoch": epoch, "train_loss": train["loss"],
                           "train_accuracy": train["accuracy"], "val_loss": val["loss"], "val_accuracy": val["accuracy"],
+                          "epoch_seconds": seconds,
+                          "images_per_second": len(loaders.train) * loaders.train.batch_size * self.rt.world_size / seconds,
                           **{k: v for k, v in val.items() if k not in ("loss", "accuracy")}})
         self.optimizer = None
 
