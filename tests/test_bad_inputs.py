@@ -1,0 +1,76 @@
+"""Bad input: one-line errors that name the cause, exit code 2, and nothing written."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from passray._cli import run_cli
+from passray.prune import main
+
+FAST = ["--set", "model.arch=convnet", "--set", "model.width=0.25", "--set", "data.limit_train=64",
+        "--set", "pretrain.epochs=0", "--set", "search.epochs=0", "--set", "finetune.epochs=0"]
+
+
+def _case(tmp_path: Path, name: str) -> tuple[list[str], str]:
+    bad_yaml = tmp_path / "bad.yaml"
+    bad_yaml.write_text("data: [unclosed\n")
+    not_mapping = tmp_path / "list.yaml"
+    not_mapping.write_text("- a\n- b\n")
+    cases = {
+        "unknown key": (["--set", "dat.name=digits"], "config key 'dat': unknown key"),
+        "unknown nested key": (["--set", "budget.keep=0.5"], "config key 'budget.keep': unknown key"),
+        "budget above 1": (["--set", "budget.keep_ratio=1.5"], "budget.keep_ratio"),
+        "budget zero": (["--set", "budget.keep_ratio=0"], "budget.keep_ratio"),
+        "budget not a number": (["--set", "budget.keep_ratio=half"], "budget.keep_ratio"),
+        "unknown method": (["--set", "method=magic"], "unknown method 'magic'"),
+        "unknown arch": (["--set", "model.arch=resnet999"], "model.arch"),
+        "unknown dataset": (["--set", "data.name=mnist"], "unknown dataset 'mnist'"),
+        "missing data root": (["--set", "data.name=imagefolder", "--set", f"data.root={tmp_path}/nowhere"], "nowhere"),
+        "bad classes": (["--set", "data.classes=[42]"], "data.classes"),
+        "missing config file": (["--config", str(tmp_path / "missing.yaml")], "missing.yaml"),
+        "invalid yaml": (["--config", str(bad_yaml)], "invalid YAML"),
+        "config not a mapping": (["--config", str(not_mapping)], "mapping"),
+        "set without equals": (["--set", "budget.keep_ratio"], "key=value"),
+        "prompt wider than image": (["--set", "prompt.size=20"], "prompt.size=20"),
+        "unreachable budget": (["--set", "budget.keep_ratio=0.01", "--set", "budget.min_channels=8"], "min_channels"),
+        "unknown prompt kind": (["--set", "prompt.kind=circle"], "prompt.kind"),
+        "missing weights file": (["--set", f"model.weights={tmp_path}/w.safetensors"], "w.safetensors"),
+    }
+    return cases[name]
+
+
+NAMES = ["unknown key", "unknown nested key", "budget above 1", "budget zero", "budget not a number", "unknown method",
+         "unknown arch", "unknown dataset", "missing data root", "bad classes", "missing config file", "invalid yaml",
+         "config not a mapping", "set without equals", "prompt wider than image", "unreachable budget",
+         "unknown prompt kind", "missing weights file"]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_bad_input_is_one_line_and_writes_nothing(name: str, tmp_path: Path, capsys, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    args, needle = _case(tmp_path, name)
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(main, "passray.prune", FAST + ["--set", f"output_dir={out}"] + args)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("passray.prune: error: ") and "\n" not in err, err
+    assert needle in err, err
+    assert not out.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in tmp_path.iterdir()
+                                                                  if p.suffix == ".yaml")
+
+
+def test_real_cli_error_exit_code_and_help(tmp_path: Path) -> None:
+    bad = subprocess.run([sys.executable, "-m", "passray.prune", "--set", "budget.keep_ratio=2"],
+                         capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "budget.keep_ratio" in bad.stderr
+    assert list(tmp_path.iterdir()) == []
+    helped = subprocess.run([sys.executable, "-m", "passray.prune", "--help"], capture_output=True, text=True, timeout=120)
+    assert helped.returncode == 0
+    for key in ("budget.keep_ratio", "hypernet.hidden_size", "prompt.kind", "data.root", "train.num_workers"):
+        assert key in helped.stdout
