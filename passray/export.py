@@ -25,7 +25,7 @@ from passray.models import backbone_id, classifier, create_backbone
 from passray.network import PrunableNet
 from passray.prompts import VisualPrompt
 
-__all__ = ["STRUCTURE_VERSION", "atomic_directory", "build_groups", "check_equivalence", "load_pruned",
+__all__ = ["STRUCTURE_VERSION", "atomic_directory", "exact_fp32", "build_groups", "check_equivalence", "load_pruned",
            "masks_from_structure", "measure", "save_pruned", "structure_record"]
 
 STRUCTURE_VERSION = 1
@@ -57,9 +57,22 @@ class atomic_directory:
         os.replace(self.tmp, self.path)
 
 
+class exact_fp32:
+    """TF32 off inside (cuDNN/cuBLAS use it by default on Ampere+), so fp32 means fp32."""
+
+    def __enter__(self) -> None:
+        self.saved = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+
+    def __exit__(self, *exc) -> None:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = self.saved
+
+
 @torch.no_grad()
 def check_equivalence(masked: torch.Tensor, pruned: torch.Tensor, tolerance: float = 1e-4) -> float:
-    """Max abs difference between masked and pruned outputs; raises if above ``tolerance``."""
+    """Max abs difference between masked and pruned outputs; raises if above ``tolerance`` or not finite."""
+    if not (torch.isfinite(masked).all() and torch.isfinite(pruned).all()):
+        raise RuntimeError("masked or pruned network outputs are not finite (NaN/inf): the run diverged")
     diff = float((masked.float() - pruned.float()).abs().max())
     scale = float(masked.float().abs().max().clamp(min=1.0))
     if diff > tolerance * scale:

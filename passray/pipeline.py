@@ -26,7 +26,7 @@ from passray._state_io import save_state
 from passray.budget import Allocator
 from passray.config import Config, OptimConfig
 from passray.data import load_dataset, make_loaders
-from passray.export import (build_groups, check_equivalence, masks_from_structure, measure, save_pruned,
+from passray.export import (build_groups, check_equivalence, exact_fp32, masks_from_structure, measure, save_pruned,
                             structure_record)
 from passray.hypernet import PassHypernet, PassPruner, group_statistics, save_hypernet
 from passray.importance import compute_scores
@@ -175,7 +175,7 @@ class _Run:
             masks = pruner.hard_masks(self.net.prompt.tensor()).masks
             initial = self._masked_val(masks)
             self.meta["results"]["initial_masked_val_accuracy"] = initial["accuracy"]
-            best.update(accuracy=initial["accuracy"], masks=self._kept(masks))
+            best.update(accuracy=initial["accuracy"], masks=self._kept(masks), trained=self._snapshot(head))
         total = max(cfg.search.epochs * len(self.loaders.train), 1)
         t0, t1 = cfg.hypernet.temperature, cfg.hypernet.temperature_final or cfg.hypernet.temperature
 
@@ -191,7 +191,7 @@ class _Run:
             allocation = pruner.hard_masks(self.net.prompt.tensor())
             out = self._masked_val(allocation.masks)
             if out["accuracy"] > best["accuracy"]:
-                best.update(accuracy=out["accuracy"], masks=self._kept(allocation.masks))
+                best.update(accuracy=out["accuracy"], masks=self._kept(allocation.masks), trained=self._snapshot(head))
             return {**out, "macs_ratio": float(allocation.ratio)}
 
         self.hypernet.requires_grad_(not self.rt.freeze_hypernet)
@@ -202,8 +202,14 @@ class _Run:
         self.masks = [torch.zeros(w, device=self.device).index_fill_(0, torch.as_tensor(k, device=self.device), 1.0)
                       for w, k in zip(self.groups.widths, best["masks"])]
         self.meta["results"]["search_best_val_accuracy"] = best["accuracy"]
+        head.load_state_dict(best["trained"]["head"])  # with the head and prompt of that epoch
+        self.net.prompt.load_state_dict(best["trained"]["prompt"])
         self.net.fix_masks(self.masks)
         self.net.backbone.requires_grad_(True)
+
+    def _snapshot(self, head: nn.Module) -> dict[str, dict[str, torch.Tensor]]:
+        copy = lambda module: {k: v.detach().clone() for k, v in module.state_dict().items()}  # noqa: E731
+        return {"head": copy(head), "prompt": copy(self.net.prompt)}
 
     @staticmethod
     def _kept(masks: list[torch.Tensor]) -> list[list[int]]:
@@ -241,16 +247,16 @@ class _Run:
             engine.recalibrate_bn(self.net, self.loaders.train, self.device, self.cfg.bn_recalibration_batches, self.amp)
             results["val_accuracy_before_finetune"] = engine.evaluate(self.net, self.loaders.val, self.device, self.amp)["accuracy"]
             results["test_accuracy_before_finetune"] = engine.evaluate(self.net, self.loaders.test, self.device, self.amp)["accuracy"]
-        probe = next(iter(self.loaders.val))[0][:16]
+        probe = next(iter(self.loaders.val))[0][:16].float()
         self.net.eval()
-        with torch.no_grad():
-            masked = self.net(probe.float())
+        with torch.no_grad(), exact_fp32():
+            masked = self.net(probe)
         dense = self.groups.cost
         results["macs_ratio"] = float(dense.cost(self.groups.kept_counts(self.masks).cpu()[None], "macs")[0] / dense.dense("macs"))
         results["params_ratio"] = float(dense.cost(self.groups.kept_counts(self.masks).cpu()[None], "params")[0] / dense.dense("params"))
         self.groups.prune(self.masks)
-        with torch.no_grad():
-            results["equivalence_max_abs_diff"] = check_equivalence(masked, self.net(probe.float()))
+        with torch.no_grad(), exact_fp32():
+            results["equivalence_max_abs_diff"] = check_equivalence(masked, self.net(probe))
 
     # -------------------------------------------------------------- main
     def setup(self) -> None:
@@ -317,7 +323,8 @@ class _Run:
             self.export(self.rt.export_dir)
         self.meta.update(stage="done", epoch=0)
         self.rt.reporter.report({"stage": "done", **results}, self._final_checkpoint)
-        return {"method": self.cfg.method, "keep_ratio": self.cfg.budget.keep_ratio, **results}
+        return {"method": self.cfg.method, "keep_ratio": self.cfg.budget.keep_ratio, **results,
+                "history": list(self.meta["history"])}
 
     def _final_checkpoint(self, directory: Path) -> None:
         """Resumable state (stage 'done') and the export, side by side."""

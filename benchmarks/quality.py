@@ -1,0 +1,501 @@
+"""PASS vs baselines: accuracy of pruned networks at equal MACs, before and after fine-tuning.
+
+Two settings: ``all`` (backbone trained on all classes, pruned and fine-tuned on the same
+data, head already trained) and ``shifted`` (backbone trained on classes 0-4, pruned and
+fine-tuned on classes 5-9 with a new head; baselines get ``head_epochs = search epochs`` of
+head-only training under their masks, the head training PASS's search gives its head).
+Every (setting, row, target, seed) is one ``passray.pipeline.run`` from the same backbone
+checkpoint; rows already in the results file are skipped, so the same command resumes.
+
+    python benchmarks/quality.py --smoke                        # CPU, seconds
+    python benchmarks/quality.py --data cifar10-images.tar.gz --time-budget 540
+    python benchmarks/quality.py --summarise                    # table + plot from the JSON
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS for pretraining; set before CUDA starts
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import (REPO, ResultsFile, TimeBudget, cached_datasets, cli, deterministic, estimate,  # noqa: E402
+                     gpu_settings, mean_std, now, sha256_file, write_atomic)
+
+__all__ = ["ROWS", "SETTINGS", "main"]
+
+
+@dataclass(frozen=True)
+class RowSpec:
+    """One line of the table: a scoring method, an allocation and config switches."""
+
+    method: str
+    allocation: str
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def is_pass(self) -> bool:
+        return self.method == "pass"
+
+
+ROWS: dict[str, RowSpec] = {
+    "pass": RowSpec("pass", "global"),
+    "pass_no_prompt": RowSpec("pass", "global", {"prompt.kind": "none"}),
+    "pass_no_recurrence": RowSpec("pass", "global", {"hypernet.recurrent": False}),
+    "pass_uniform": RowSpec("pass", "uniform"),
+    "global_l2": RowSpec("l2", "global"),
+    "global_taylor": RowSpec("taylor", "global"),
+    "uniform_l1": RowSpec("l1", "uniform"),
+    "uniform_random": RowSpec("random", "uniform"),
+    "global_bn_scale": RowSpec("bn_scale", "global"),
+}
+
+
+@dataclass(frozen=True)
+class Setting:
+    pretrain_classes: list[int] | None  # classes the backbone is trained on (None: all)
+    prune_classes: list[int] | None  # classes searched, fine-tuned and tested on
+    new_head: bool  # the pruning run starts from a fresh head
+
+
+SETTINGS: dict[str, Setting] = {
+    "all": Setting(None, None, False),
+    "shifted": Setting([0, 1, 2, 3, 4], [5, 6, 7, 8, 9], True),
+}
+
+SMOKE = dict(methods=["pass", "uniform_l1"], targets=[0.5], seeds=[0], setting=["all", "shifted"],
+             pretrain_epochs=1, search_epochs=1, finetune_epochs=1, batch_size=64)
+FULL = dict(methods=list(ROWS), targets=[0.5, 0.25], seeds=[0, 1, 2], setting=["all", "shifted"],
+            pretrain_epochs=30, search_epochs=8, finetune_epochs=5, batch_size=512)
+PLOT_RESERVE_S = 15.0  # summary + plot at the end of a budgeted command
+
+
+def _q(value: Any) -> str:
+    """A ``--set`` value that YAML parses back to exactly ``value`` (strings JSON-quoted)."""
+    return json.dumps(value) if isinstance(value, (str, list)) else str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def base_overrides(args: argparse.Namespace, user: bool = True) -> list[str]:
+    """What every pretrain and every row shares: data, backbone, device, budget rules, recipes
+    (then the user's ``--set`` overrides, unless ``user`` is False)."""
+    if args.smoke:
+        common = ["device=cpu", "amp=false", "channels_last=false", "data.name=digits", "data.image_size=16",
+                  "data.eval_batch_size=512", "model.arch=convnet", "model.width=0.25",
+                  "budget.min_channels=1", "budget.round_to=1", "bn_recalibration_batches=2"]
+    else:
+        common = ["device=auto", "amp=true", "channels_last=true", "data.name=imagefolder",
+                  f"data.root={_q(str(Path(args.data).expanduser().resolve()))}", "data.eval_batch_size=2048",
+                  f"model.arch={args.arch}", "model.cifar_stem=true", "budget.min_channels=8", "budget.round_to=8",
+                  "bn_recalibration_batches=40"]
+    return [*common, f"data.batch_size={args.batch_size}", "data.val_fraction=0.1", "data.seed=0", "budget.kind=macs",
+            f"pretrain.epochs={args.pretrain_epochs}", "pretrain.lr=0.1", "pretrain.label_smoothing=0.1",
+            f"search.epochs={args.search_epochs}", "search.lr=0.003", "search.optimizer=adamw", "search.weight_decay=0.0",
+            f"finetune.epochs={args.finetune_epochs}", "finetune.lr=0.02", "finetune.optimizer=sgd",
+            "finetune.weight_decay=0.0005", *(args.set if user else [])]
+
+
+def _recipe(args: argparse.Namespace) -> list[str]:
+    """``base_overrides`` without the data path: moving the tarball changes no result."""
+    return [o for o in base_overrides(args) if not o.startswith("data.root=")]
+
+
+def protocol(args: argparse.Namespace) -> dict[str, Any]:
+    """Everything that must match for rows to share a table (rows themselves are selected by the CLI)."""
+    return {"smoke": args.smoke, "data_file": None if args.smoke else Path(args.data).name, "overrides": _recipe(args),
+            "settings": {k: vars(v) for k, v in SETTINGS.items()},
+            "head_epochs": "baselines: search.epochs in settings with a new head (shifted), 0 otherwise (all: the "
+                           "backbone's head is already trained); PASS always trains the head during search",
+            "budget_rules": "every method's masks come from passray.budget.Allocator at the same keep_ratio; "
+                            "min_channels and round_to as in overrides; BN recalibrated under every mask",
+            "decisions": "search on train minus a stratified 10 % val split (data.seed 0, the same for every run); "
+                         "PASS keeps the masks that validated best; test is only reported"}
+
+
+# ------------------------------------------------------------------ backbones
+_NOT_PRETRAIN = ("search.", "finetune.", "budget.", "prompt.", "hypernet.", "head_epochs=", "bn_recalibration_batches=")
+
+
+def _backbone_paths(args: argparse.Namespace, name: str) -> tuple[Path, Path]:
+    """Checkpoint + marker, named by what pretraining depends on (so other pruning recipes share it)."""
+    setting = SETTINGS[name]
+    pretrain_recipe = [o for o in _recipe(args) if not o.startswith(_NOT_PRETRAIN)]
+    recipe = json.dumps([pretrain_recipe, setting.pretrain_classes, setting.new_head], sort_keys=True)
+    digest = hashlib.sha1(recipe.encode()).hexdigest()[:10]
+    stem = Path(args.workdir) / f"backbone-{name}-{digest}"
+    return stem.with_suffix(".safetensors"), stem.with_suffix(".json")
+
+
+def _strip_head(cfg, source: Path, target: Path) -> None:
+    """Save ``source`` without the classifier, so the pruning run starts from a fresh head."""
+    from safetensors.torch import load_file, save_file
+
+    from passray.models import classifier, create_backbone
+
+    net = create_backbone(cfg.model.model_copy(update={"weights": None}), 2)
+    head = classifier(net)
+    prefix = next(n for n, m in net.named_modules() if m is head)
+    state = {k: v for k, v in load_file(str(source)).items() if not k.startswith(prefix + ".")}
+    save_file(state, str(target))
+
+
+def ensure_backbone(args: argparse.Namespace, name: str, results: ResultsFile) -> Path:
+    """Train the dense backbone of a setting once (the ``.json`` marker is written last)."""
+    from passray.config import load_config
+    from passray.pipeline import Runtime, pretrain
+
+    weights, marker = _backbone_paths(args, name)
+    setting = SETTINGS[name]
+    if not (weights.is_file() and marker.is_file()):
+        for stale in (weights, marker):
+            stale.unlink(missing_ok=True)
+        extra = [] if setting.pretrain_classes is None else [f"data.classes={_q(setting.pretrain_classes)}"]
+        cfg = load_config(None, [*base_overrides(args), *extra, "method=l1", "seed=0"])
+        print(f"[quality] pretraining the {name!r} backbone ({cfg.pretrain.epochs} epochs) -> {weights}", flush=True)
+        full = weights.with_name(weights.stem + "-with-head.safetensors")
+        with deterministic():
+            out = pretrain(cfg, full, Runtime(progress=False))
+        if setting.new_head:
+            _strip_head(cfg, full, weights)
+            full.unlink()
+        else:
+            full.replace(weights)
+        record = {"setting": name, "path": str(weights), "sha256": sha256_file(weights), "classes": setting.pretrain_classes,
+                  "val_accuracy": out["val_accuracy"], "test_accuracy": out["test_accuracy"],
+                  "wall_seconds": out["wall_seconds"], "epochs": cfg.pretrain.epochs, "head_removed": setting.new_head,
+                  "config": cfg.to_dict(), "finished": now()}
+        write_atomic(marker, json.dumps(record, indent=1))
+        print(f"[quality] backbone {name!r}: val {out['val_accuracy']:.4f} test {out['test_accuracy']:.4f} "
+              f"in {out['wall_seconds']:.0f} s", flush=True)
+    record = json.loads(marker.read_text())
+    known = results.data.get("backbones", {}).get(name, {}).get("sha256")
+    if known is not None and known != record["sha256"]:
+        raise ValueError(
+            f"the {name!r} backbone in {weights} (sha256 {record['sha256'][:12]}) is not the one the rows of "
+            f"{results.path} were made with ({known[:12]}): pretraining was not bit-reproducible on this machine. "
+            f"Bring back that checkpoint (--workdir), or start a new --results file")
+    results.data.setdefault("backbones", {})[name] = record
+    results.save()
+    return weights
+
+
+def _pretrain_estimate(args: argparse.Namespace, name: str, results: ResultsFile) -> float | None:
+    """From another setting's pretraining time, scaled by its share of classes; else unknown."""
+    for other, record in results.data.get("backbones", {}).items():
+        if other != name and record.get("epochs") == args.pretrain_epochs:
+            share = len(SETTINGS[name].pretrain_classes or range(10)) / len(SETTINGS[other].pretrain_classes or range(10))
+            return record["wall_seconds"] * share * 1.15 + 20.0
+    return None
+
+
+# ------------------------------------------------------------------ one row
+class EpochRecorder:
+    """The pipeline's reporter: per-epoch metrics and wall time of search and fine-tune epochs.
+
+    ``wrap`` is called when a stage's epoch loop starts (the pipeline wraps the module for
+    DDP there), so the first epoch's time excludes setup; every epoch's time includes its
+    evaluation (evaluation reads the metrics back to the host, which synchronises CUDA).
+    """
+
+    def __init__(self) -> None:
+        self.epochs: list[dict[str, Any]] = []
+        self._mark = time.perf_counter()
+
+    def wrap(self, module):
+        self._mark = time.perf_counter()
+        return module
+
+    def report(self, metrics: dict[str, Any], save_state) -> None:
+        if metrics.get("stage") not in ("search", "finetune"):
+            return
+        stamp = time.perf_counter()
+        keep = ("stage", "epoch", "train_loss", "train_accuracy", "val_accuracy", "test_accuracy", "macs_ratio")
+        self.epochs.append({**{k: metrics[k] for k in keep if k in metrics}, "seconds": stamp - self._mark})
+        self._mark = stamp
+
+    def stage(self, name: str) -> list[dict[str, Any]]:
+        return [e for e in self.epochs if e["stage"] == name]
+
+
+def row_overrides(args: argparse.Namespace, setting: str, row: str, target: float, seed: int, weights: Path) -> list[str]:
+    spec, st = ROWS[row], SETTINGS[setting]
+    head_epochs = args.search_epochs if (st.new_head and not spec.is_pass) else 0
+    extra = [] if st.prune_classes is None else [f"data.classes={_q(st.prune_classes)}"]
+    return [*base_overrides(args, user=False), *extra, f"method={spec.method}",
+            f"budget.allocation={spec.allocation}", f"budget.keep_ratio={target}", f"seed={seed}",
+            f"model.weights={_q(str(weights))}", "pretrain.epochs=0", f"head_epochs={head_epochs}",
+            *(f"{k}={_q(v)}" for k, v in spec.overrides.items()), *args.set]
+
+
+def run_row(args: argparse.Namespace, setting: str, row: str, target: float, seed: int, weights: Path) -> dict[str, Any]:
+    from passray.config import load_config
+    from passray.pipeline import Runtime, run
+
+    spec = ROWS[row]
+    cfg = load_config(None, row_overrides(args, setting, row, target, seed, weights))
+    recorder = EpochRecorder()
+    Path(args.workdir).mkdir(parents=True, exist_ok=True)
+    export = Path(tempfile.mkdtemp(prefix="export-", dir=args.workdir))
+    try:
+        t0 = time.perf_counter()
+        out = run(cfg, Runtime(reporter=recorder, wrap=recorder.wrap, progress=False, export_dir=str(export)))
+        wall = time.perf_counter() - t0
+        structure = json.loads((export / "structure.json").read_text())
+    finally:
+        shutil.rmtree(export, ignore_errors=True)
+    search, tune = recorder.stage("search"), recorder.stage("finetune")
+    test_ft = [e.get("test_accuracy") for e in tune]
+    at = lambda xs, n: xs[n - 1] if len(xs) >= n else None  # noqa: E731
+    return {
+        "setting": setting, "row": row, "method": spec.method, "allocation": spec.allocation,
+        "prompt": cfg.prompt.kind if spec.is_pass else None, "recurrent": cfg.hypernet.recurrent if spec.is_pass else None,
+        "target": target, "seed": seed, "head_epochs": cfg.head_epochs,
+        "macs_ratio": out["macs_ratio"], "params_ratio": out["params_ratio"],
+        "pruned_macs": out["pruned_macs"], "dense_macs": out["dense_macs"], "pruned_params": out.get("pruned_params"),
+        "test_before_ft": out["test_accuracy_before_finetune"], "val_before_ft": out["val_accuracy_before_finetune"],
+        "test_after_ft1": at(test_ft, 1), "test_after_ft5": at(test_ft, 5), "test_after_ft_final": out["test_accuracy"],
+        "val_after_ft_final": out["val_accuracy"], "finetune_epochs": cfg.finetune.epochs,
+        "test_after_ft_per_epoch": test_ft, "val_after_ft_per_epoch": [e.get("val_accuracy") for e in tune],
+        "dense_val_accuracy": out.get("dense_val_accuracy"),
+        "initial_masked_val_accuracy": out.get("initial_masked_val_accuracy"),
+        "search_best_val_accuracy": out.get("search_best_val_accuracy"),
+        "search_val_per_epoch": [e.get("val_accuracy") for e in search],
+        "search_seconds": sum(e["seconds"] for e in search),
+        "search_epoch_seconds": [e["seconds"] for e in search],
+        "finetune_seconds_per_epoch": sum(e["seconds"] for e in tune) / max(len(tune), 1),
+        "finetune_epoch_seconds": [e["seconds"] for e in tune],
+        "wall_seconds": wall, "equivalence_max_abs_diff": out.get("equivalence_max_abs_diff"),
+        "backbone_sha256": sha256_file(weights),
+        "kept_per_group": [len(g["kept"]) for g in structure["groups"]],
+        "groups": [[g["name"], g["width"]] for g in structure["groups"]],
+        "config": cfg.to_dict(), "finished": now(),
+    }
+
+
+def _row_estimate(results: ResultsFile, setting: str, row: str, new_data: bool) -> float | None:
+    pass_kind = ROWS[row].is_pass
+    same_kind = lambda r: ROWS.get(r["row"], ROWS["pass"]).is_pass == pass_kind  # noqa: E731
+    guess = estimate(results.rows, "wall_seconds", [
+        lambda r: r["setting"] == setting and r["row"] == row,
+        lambda r: r["setting"] == setting and same_kind(r),
+        lambda r: r["row"] == row, same_kind, lambda r: True])
+    if guess is not None and new_data:  # this process has not decoded this setting's data yet
+        guess += cached_datasets.typical_load_seconds() or 20.0
+    return guess
+
+
+# ------------------------------------------------------------------ summary
+SUMMARY_FIELDS = ("test_before_ft", "test_after_ft1", "test_after_ft_final", "macs_ratio", "params_ratio",
+                  "val_before_ft", "initial_masked_val_accuracy", "search_best_val_accuracy", "search_seconds",
+                  "finetune_seconds_per_epoch")
+
+
+def summarise(results: ResultsFile) -> list[dict[str, Any]]:
+    """Mean ± std over seeds per (setting, row, target), in table order."""
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for r in results.rows:
+        groups.setdefault((r["setting"], r["row"], r["target"]), []).append(r)
+    order = lambda k: (list(SETTINGS).index(k[0]) if k[0] in SETTINGS else 99,  # noqa: E731
+                       list(ROWS).index(k[1]) if k[1] in ROWS else 99, -k[2])
+    summary = []
+    for key in sorted(groups, key=order):
+        rows = groups[key]
+        entry: dict[str, Any] = {"setting": key[0], "row": key[1], "target": key[2], "seeds": sorted(r["seed"] for r in rows),
+                                 "finetune_epochs": rows[0].get("finetune_epochs")}
+        for f in SUMMARY_FIELDS:
+            mean, std, n = mean_std(r.get(f) for r in rows)
+            entry[f] = {"mean": mean, "std": std, "n": n}
+        summary.append(entry)
+    return summary
+
+
+def _pm(stat: dict[str, Any], scale: float = 100.0, digits: int = 2) -> str:
+    if stat["mean"] is None:
+        return "-"
+    return f"{stat['mean'] * scale:.{digits}f} ± {stat['std'] * scale:.{digits}f}"
+
+
+def markdown(results: ResultsFile, summary: list[dict[str, Any]]) -> str:
+    lines = ["# passray quality benchmark", "", f"Command: `{results.data.get('command', '')}`  ",
+             f"Device: {results.data.get('environment', {}).get('device', '?')}", ""]
+    for name, b in results.data.get("backbones", {}).items():
+        classes = "all classes" if b.get("classes") is None else f"classes {b['classes']}"
+        lines.append(f"- dense backbone `{name}` ({classes}, {b.get('epochs')} epochs, {b['wall_seconds']:.0f} s): "
+                     f"val {100 * b['val_accuracy']:.2f} %, test {100 * b['test_accuracy']:.2f} %")
+    ft = max([s["finetune_epochs"] or 0 for s in summary], default=0)
+    lines += ["", "Test accuracy (%) mean ± std over seeds; MACs = achieved fraction of dense MACs; "
+              "masked val = val accuracy under the masks after BN recalibration, before fine-tuning.", "",
+              f"| setting | row | target | seeds | MACs | test before FT | after FT 1 | after FT {ft} | "
+              "masked val before FT | PASS initial masked val | search s |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for s in summary:
+        lines.append(f"| {s['setting']} | {s['row']} | {s['target']} | {len(s['seeds'])} | {_pm(s['macs_ratio'], 1, 3)} | "
+                     f"{_pm(s['test_before_ft'])} | {_pm(s['test_after_ft1'])} | {_pm(s['test_after_ft_final'])} | "
+                     f"{_pm(s['val_before_ft'])} | {_pm(s['initial_masked_val_accuracy'])} | "
+                     f"{_pm(s['search_seconds'], 1, 1)} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(summary: list[dict[str, Any]], path: Path) -> bool:
+    """Test accuracy after fine-tuning vs achieved MACs ratio, one line per row, one panel per setting."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("[quality] matplotlib missing: no plot", flush=True)
+        return False
+    settings = [s for s in SETTINGS if any(e["setting"] == s for e in summary)]
+    if not settings:
+        return False
+    fig, axes = plt.subplots(1, len(settings), figsize=(6 * len(settings), 4.5), squeeze=False)
+    for ax, setting in zip(axes[0], settings):
+        for row in ROWS:
+            pts = sorted((e["macs_ratio"]["mean"], e["test_after_ft_final"]["mean"], e["test_after_ft_final"]["std"])
+                         for e in summary if e["setting"] == setting and e["row"] == row
+                         and e["test_after_ft_final"]["mean"] is not None)
+            if pts:
+                xs, ys, es = zip(*pts)
+                ax.errorbar(xs, [100 * y for y in ys], yerr=[100 * e for e in es], marker="o", capsize=3, label=row,
+                            linestyle="-" if ROWS[row].is_pass else "--")
+        ax.set_title(f"setting: {setting}")
+        ax.set_xlabel("achieved MACs / dense MACs")
+        ax.set_ylabel("test accuracy after fine-tuning (%)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def finish(results: ResultsFile) -> None:
+    summary = summarise(results)
+    results.data["summary"] = summary
+    results.save()
+    text = markdown(results, summary)
+    md, png = results.path.with_suffix(".md"), results.path.with_suffix(".png")
+    md.write_text(text)
+    print(text, flush=True)
+    drawn = plot(summary, png)
+    print(f"[quality] wrote {results.path}, {md}" + (f", {png}" if drawn else ""), flush=True)
+
+
+# ------------------------------------------------------------------ CLI
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="benchmarks/quality.py", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", help="CIFAR-10 ImageFolder tarball or folder (train/, test/); required unless --smoke/--summarise")
+    p.add_argument("--results", help="results JSON (default benchmarks/results/quality.json; --smoke: a temp dir)")
+    p.add_argument("--workdir", help="backbone checkpoints (default: <results dir>/work, git-ignored)")
+    p.add_argument("--setting", nargs="+", choices=list(SETTINGS), metavar="SETTING",
+                   help=f"settings to run: {' '.join(SETTINGS)} (default: both)")
+    p.add_argument("--targets", nargs="+", type=float, help="keep ratios of dense MACs (default 0.5 0.25)")
+    p.add_argument("--methods", nargs="+", choices=list(ROWS), metavar="ROW",
+                   help=f"table rows (default: all): {' '.join(ROWS)}")
+    p.add_argument("--seeds", nargs="+", type=int, help="seeds (default 0 1 2)")
+    p.add_argument("--arch", default="resnet18", help="backbone (default resnet18 with CIFAR stem)")
+    p.add_argument("--pretrain-epochs", type=int, help="dense backbone epochs (default 30)")
+    p.add_argument("--search-epochs", type=int, help="PASS search epochs = baseline head epochs in 'shifted' (default 8)")
+    p.add_argument("--finetune-epochs", type=int, help="fine-tune epochs, the same for every row (default 5)")
+    p.add_argument("--batch-size", type=int, help="training batch (default 512)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra config override for every run (part of the protocol; repeatable)")
+    p.add_argument("--time-budget", type=float, metavar="SECONDS",
+                   help="start no pretraining or row that would end after this many seconds from launch")
+    p.add_argument("--smoke", action="store_true", help="CPU, digits, tiny convnet, 1 epoch per stage, pass + uniform_l1")
+    p.add_argument("--summarise", action="store_true", help="only rebuild summary, table and plot from --results")
+    p.add_argument("--debug", action="store_true", help="full tracebacks")
+    args = p.parse_args(argv)
+    defaults = SMOKE if args.smoke else FULL
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.results is None:
+        args.results = (str(Path(tempfile.mkdtemp(prefix="passray-quality-")) / "quality.json") if args.smoke
+                        else str(REPO / "benchmarks" / "results" / "quality.json"))
+    args.workdir = args.workdir or str(Path(args.results).parent / "work")
+    if not (args.smoke or args.summarise or args.data):
+        p.error("--data is required (the CIFAR-10 ImageFolder tarball), unless --smoke or --summarise")
+    return args
+
+
+def run_plan(args: argparse.Namespace, todo: list[tuple], results: ResultsFile, budget: TimeBudget) -> list[str]:
+    """Run the missing rows in order until done or out of time; returns the failures."""
+    from passray.config import load_config
+
+    backbones: dict[str, Path] = {}
+    failures: list[str] = []
+    for i, (setting, row, target, seed) in enumerate(todo):
+        label = f"{setting}/{row}/keep={target}/seed={seed}"
+        if setting not in backbones:
+            weights, marker = _backbone_paths(args, setting)
+            if not (weights.is_file() and marker.is_file()) and not budget.allows(_pretrain_estimate(args, setting, results)):
+                return _stopped(failures, f"pretraining the {setting!r} backbone", len(todo) - i, budget)
+            backbones[setting] = ensure_backbone(args, setting, results)
+        data_cfg = load_config(None, row_overrides(args, setting, row, target, seed, backbones[setting])).data
+        guess = _row_estimate(results, setting, row, not cached_datasets.loaded(data_cfg))
+        if not budget.allows(guess):
+            return _stopped(failures, f"{label} (estimate {guess:.0f} s)", len(todo) - i, budget)
+        print(f"[quality] {i + 1}/{len(todo)} {label} (elapsed {budget.elapsed():.0f} s)", flush=True)
+        try:
+            record = run_row(args, setting, row, target, seed, backbones[setting])
+        except Exception as err:  # one broken row must not cost the rest of a device command
+            if args.debug:
+                raise
+            message = f"{type(err).__name__}: {(str(err).splitlines() or [''])[0]}"
+            failures.append(f"{label}: {message}")
+            results.data.setdefault("failures", []).append(
+                {"key": [setting, row, target, seed], "error": message, "when": now(),
+                 "traceback": traceback.format_exc()[-3000:]})
+            results.save()
+            print(f"[quality]   FAILED: {message}", flush=True)
+            continue
+        results.add(record)
+        print(f"[quality]   macs {record['macs_ratio']:.3f}  test before FT {record['test_before_ft']:.4f}  "
+              f"after FT {record['test_after_ft_final']:.4f}  ({record['wall_seconds']:.0f} s)", flush=True)
+    return failures
+
+
+def _stopped(failures: list[str], what: str, left: int, budget: TimeBudget) -> list[str]:
+    print(f"[quality] time budget: stopped before {what} after {budget.elapsed():.0f} s; {left} row(s) left: "
+          "run the same command again to continue", flush=True)
+    return failures
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.summarise:
+        if not Path(args.results).is_file():
+            raise FileNotFoundError(f"--summarise: no results file at {args.results}")
+        results = ResultsFile(args.results, "quality", ["setting", "row", "target", "seed"])
+        finish(results)
+        return 0
+    settings = gpu_settings()
+    budget = TimeBudget(args.time_budget, reserve=PLOT_RESERVE_S)
+    results = ResultsFile(args.results, "quality", ["setting", "row", "target", "seed"], protocol(args))
+    results.start_invocation(settings)
+    cached_datasets.install()
+    # Seeds outermost: every finished command leaves whole seeds of the table, not whole settings.
+    plan = [(s, r, t, seed) for seed in args.seeds for s in args.setting for t in args.targets for r in args.methods]
+    todo = [k for k in plan if not results.has(k)]
+    print(f"[quality] {len(plan) - len(todo)} of {len(plan)} rows already in {args.results}; {len(todo)} to run", flush=True)
+    failures = run_plan(args, todo, results, budget)
+    finish(results)
+    for failure in failures:
+        print(f"[quality] failed: {failure}", file=sys.stderr)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    cli(main, "benchmarks/quality.py")

@@ -1,0 +1,429 @@
+"""PASS search cost and pruned-network speed, measured on one device.
+
+(a) Step throughput (images/s) of a PASS search step (frozen backbone, hypernet + prompt +
+    head trained with AdamW, masks from the allocator every step) vs a dense training step
+    of the same backbone and batch, and vs a fine-tune step of pruned networks.
+(b) Inference throughput of the dense and pruned networks: batch 1024 bf16 and batch 1 on
+    the GPU, batch 1 fp32 on the CPU. Pruned networks come from the shared allocator at
+    each target with uniform-L1 and global-L2 scores (and, with ``--quality-results``, the
+    allocations PASS learned in the quality benchmark); speed needs no trained weights.
+(c) Derived: a search epoch in fine-tune epochs, from the step throughputs.
+
+Every measurement is one row; rows already in the results file are skipped.
+
+    python benchmarks/speed.py --smoke
+    python benchmarks/speed.py --time-budget 540
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import REPO, ResultsFile, TimeBudget, cli, estimate, gpu_settings, now  # noqa: E402
+
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+__all__ = ["Case", "main"]
+
+SCORES = {"uniform_l1": ("l1", "uniform"), "global_l2": ("l2", "global")}
+
+
+@dataclass(frozen=True)
+class Case:
+    """One measurement: a step kind on a network, device, batch size and number format."""
+
+    part: str  # "train" (SGD step of the net), "search" (PASS search step), "infer" (forward only)
+    net: str  # "dense", "<scores>@<target>", "pass_learned@<target>"; search: "pass@<target>"
+    device: str
+    batch: int
+    dtype: str  # "bf16" (autocast for steps, bf16 weights for inference) or "fp32"
+
+    def key(self) -> tuple:
+        return (self.part, self.net, self.device, self.batch, self.dtype)
+
+
+# ------------------------------------------------------------------ networks
+class Nets:
+    """Builds (and caches on the CPU) the dense backbone and the pruned variants."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        from passray.config import ModelConfig
+
+        self.args = args
+        self.model_cfg = ModelConfig(arch=args.arch, cifar_stem=not args.smoke, width=args.width, weights=args.weights)
+        self.cache: dict[str, nn.Module] = {}
+        self.learned = _learned_allocations(args.quality_results) if args.quality_results else {}
+
+    def example(self, batch: int = 1) -> torch.Tensor:
+        return torch.randn(batch, 3, self.args.image_size, self.args.image_size)
+
+    def dense(self) -> nn.Module:
+        from passray.models import create_backbone
+
+        torch.manual_seed(0)
+        return create_backbone(self.model_cfg, self.args.num_classes)
+
+    def get(self, name: str) -> nn.Module:
+        """A fresh copy of network ``name`` on the CPU."""
+        if name not in self.cache:
+            self.cache[name] = self.dense() if name == "dense" else self._pruned(name)
+        return copy.deepcopy(self.cache[name])
+
+    def _pruned(self, name: str) -> nn.Module:
+        from passray.budget import Allocator
+        from passray.config import BudgetConfig
+        from passray.export import build_groups
+        from passray.importance import compute_scores
+
+        kind, target = name.split("@")
+        net = self.dense()
+        groups = build_groups(net, self.args.image_size)
+        if kind == "pass_learned":
+            masks = _masks_from_counts(groups, self.learned[float(target)])
+        else:
+            method, allocation = SCORES[kind]
+            budget = BudgetConfig(keep_ratio=float(target), allocation=allocation,
+                                  min_channels=self.args.min_channels, round_to=self.args.round_to)
+            masks = Allocator(groups.cost, budget)(compute_scores(method, groups, seed=0)).masks
+        groups.prune(masks)
+        return net
+
+    def cost(self, name: str) -> tuple[float, float]:
+        from passray.groups import count_macs_params
+
+        return count_macs_params(self.get(name).eval(), self.example())
+
+
+def _learned_allocations(path: str) -> dict[float, dict[str, Any]]:
+    """PASS's kept channels per group at each target (setting 'all', row 'pass', lowest seed)."""
+    if not Path(path).is_file():
+        print(f"[speed] no {path} yet: no pass_learned networks this time", flush=True)
+        return {}
+    rows = [r for r in json.loads(Path(path).read_text()).get("rows", [])
+            if r.get("setting") == "all" and r.get("row") == "pass" and "kept_per_group" in r]
+    chosen: dict[float, dict[str, Any]] = {}
+    for r in sorted(rows, key=lambda r: r["seed"]):
+        chosen.setdefault(float(r["target"]), r)
+    return chosen
+
+
+def _masks_from_counts(groups, row: dict[str, Any]) -> list[torch.Tensor]:
+    """Keep the first k channels of each group: speed depends on widths, not on which channels."""
+    if [list(g) for g in row["groups"]] != [[g.name, g.width] for g in groups.groups]:
+        raise ValueError("--quality-results: its channel groups do not match this backbone (other --arch?)")
+    return [torch.arange(g.width).lt(k).float() for g, k in zip(groups.groups, row["kept_per_group"])]
+
+
+# ------------------------------------------------------------------ steps
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _autocast(device: torch.device, dtype: str):
+    import contextlib
+
+    if dtype == "bf16" and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _batch(nets: Nets, case: Case, device: torch.device, channels_last: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    x = nets.example(case.batch).to(device)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x, torch.randint(0, nets.args.num_classes, (case.batch,), device=device)
+
+
+def train_step(nets: Nets, case: Case, device: torch.device) -> Callable[[], None]:
+    """An SGD step of all weights: dense training, or fine-tuning a pruned network."""
+    cl = device.type == "cuda"
+    net = nets.get(case.net).to(device).train()
+    if cl:
+        net = net.to(memory_format=torch.channels_last)
+    opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    x, y = _batch(nets, case, device, cl)
+
+    def step() -> None:
+        with _autocast(device, case.dtype):
+            loss = F.cross_entropy(net(x).float(), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return step
+
+
+def search_step(nets: Nets, case: Case, device: torch.device) -> Callable[[], None]:
+    """A PASS search step built as ``passray.pipeline`` builds it (backbone frozen but the head)."""
+    from passray.budget import Allocator
+    from passray.config import BudgetConfig, HypernetConfig, PromptConfig
+    from passray.export import build_groups
+    from passray.hypernet import PassHypernet, PassPruner, group_statistics
+    from passray.models import classifier
+    from passray.network import PrunableNet
+    from passray.prompts import create_prompt
+
+    cl = device.type == "cuda"
+    backbone = nets.get("dense").to(device)
+    if cl:
+        backbone = backbone.to(memory_format=torch.channels_last)
+    net = PrunableNet(backbone, create_prompt(PromptConfig(), nets.args.image_size)).to(device).train()
+    groups = build_groups(backbone, nets.args.image_size)
+    budget = BudgetConfig(keep_ratio=float(case.net.split("@")[1]), allocation="global",
+                          min_channels=nets.args.min_channels, round_to=nets.args.round_to)
+    h = HypernetConfig()
+    stats = group_statistics(groups, h.stats_length)
+    hypernet = PassHypernet(stats.shape[1], groups.widths, h.hidden_size, h.recurrent, net.prompt.enabled, h.stats_length)
+    pruner = PassPruner(hypernet, groups, Allocator(groups.cost, budget, device), h.magnitude_prior, h.temperature).to(device)
+    head = classifier(backbone)
+    backbone.requires_grad_(False)
+    head.requires_grad_(True)
+    net.attach(groups, pruner)
+    opt = torch.optim.AdamW([*hypernet.parameters(), *net.prompt.parameters(), *head.parameters()], lr=3e-3, weight_decay=0.0)
+    x, y = _batch(nets, case, device, cl)
+
+    def step() -> None:
+        with _autocast(device, case.dtype):
+            loss = F.cross_entropy(net(x).float(), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return step
+
+
+def infer_step(nets: Nets, case: Case, device: torch.device) -> Callable[[], None]:
+    """Forward only, eval mode; bf16 means bf16 weights and inputs (as deployed), not autocast."""
+    dtype = torch.bfloat16 if case.dtype == "bf16" else torch.float32
+    cl = device.type == "cuda"
+    net = nets.get(case.net).eval().to(device=device, dtype=dtype)
+    if cl:
+        net = net.to(memory_format=torch.channels_last)
+    x = _batch(nets, case, device, cl)[0].to(dtype)
+
+    def step() -> None:
+        with torch.inference_mode():
+            net(x)
+
+    return step
+
+
+BUILDERS = {"train": train_step, "search": search_step, "infer": infer_step}
+
+
+def _count_syncs(step: Callable[[], None], device: torch.device) -> int | None:
+    """Host<->device synchronisations in one step (CUDA's sync debug mode), None on CPU."""
+    if device.type != "cuda":
+        return None
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            step()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    return sum("synchroniz" in str(w.message) for w in caught)
+
+
+def measure(nets: Nets, case: Case, args: argparse.Namespace) -> dict[str, Any]:
+    """Warm up, then ``repeats`` x ``steps`` timed steps with a device sync around each repeat."""
+    started = time.perf_counter()
+    device = torch.device(case.device)
+    steps = args.latency_steps if case.batch == 1 else args.steps
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    step = BUILDERS[case.part](nets, case, device)
+    for _ in range(args.warmup):
+        step()
+    _sync(device)
+    syncs = _count_syncs(step, device)
+    per_repeat = []
+    for _ in range(args.repeats):
+        _sync(device)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            step()
+        _sync(device)
+        per_repeat.append((time.perf_counter() - t0) / steps)
+    seconds_per_step = statistics.median(per_repeat)
+    name = case.net if case.part != "search" else "dense"
+    macs, params = nets.cost(name)
+    dense_macs, dense_params = nets.cost("dense")
+    return {**asdict(case), "images_per_s": case.batch / seconds_per_step, "ms_per_step": 1000 * seconds_per_step,
+            "ms_per_step_repeats": [1000 * t for t in per_repeat], "steps": steps, "warmup": args.warmup,
+            "macs": macs, "params": params, "macs_ratio": macs / dense_macs, "params_ratio": params / dense_params,
+            "host_syncs_per_step": syncs, "threads": torch.get_num_threads() if device.type == "cpu" else None,
+            "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+            "seconds": time.perf_counter() - started, "finished": now()}
+
+
+# ------------------------------------------------------------------ plan and summary
+def plan(args: argparse.Namespace, nets: Nets) -> list[Case]:
+    gpu = "cuda" if torch.cuda.is_available() and not args.smoke else "cpu"
+    step_dtype = "bf16" if gpu == "cuda" else "fp32"
+    pruned = [f"{s}@{t}" for t in args.targets for s in SCORES]
+    pruned += [f"pass_learned@{t}" for t in args.targets if float(t) in nets.learned]
+    cases = [Case("train", "dense", gpu, args.batch_size, step_dtype)]
+    cases += [Case("search", f"pass@{t}", gpu, args.batch_size, step_dtype) for t in args.targets]
+    cases += [Case("train", n, gpu, args.batch_size, step_dtype) for n in pruned]
+    if gpu == "cuda":
+        infer = [("cuda", args.infer_batch, "bf16"), ("cuda", 1, "bf16"), ("cuda", 1, "fp32"), ("cpu", 1, "fp32")]
+    else:
+        infer = [("cpu", args.infer_batch, "fp32"), ("cpu", 1, "fp32")]
+    cases += [Case("infer", n, d, b, dt) for d, b, dt in infer for n in ["dense", *pruned]]
+    return cases
+
+
+def derive(results: ResultsFile, args: argparse.Namespace) -> dict[str, Any]:
+    """(c) search cost in fine-tune epochs, and inference speed-ups over dense."""
+    rows = {tuple(r[k] for k in ("part", "net", "device", "batch", "dtype")): r for r in results.rows}
+    out: dict[str, Any] = {"search": [], "inference": []}
+    train = [r for r in results.rows if r["part"] == "train"]
+    dense = next((r for r in train if r["net"] == "dense"), None)
+    for r in (r for r in results.rows if r["part"] == "search"):
+        target = r["net"].split("@")[1]
+        entry = {"target": float(target), "search_images_per_s": r["images_per_s"],
+                 "dense_train_images_per_s": dense and dense["images_per_s"],
+                 "search_step_over_dense_step": dense and dense["images_per_s"] / r["images_per_s"],
+                 "search_epoch_seconds": args.train_images / r["images_per_s"]}
+        for scores in [*SCORES, "pass_learned"]:
+            ft = rows.get(("train", f"{scores}@{target}", r["device"], r["batch"], r["dtype"]))
+            if ft:
+                ratio = ft["images_per_s"] / r["images_per_s"]
+                entry[f"finetune_images_per_s_{scores}"] = ft["images_per_s"]
+                entry[f"search_epoch_in_finetune_epochs_{scores}"] = ratio
+                entry[f"search_total_in_finetune_epochs_{scores}"] = ratio * args.search_epochs
+        out["search"].append(entry)
+    for r in (r for r in results.rows if r["part"] == "infer" and r["net"] != "dense"):
+        base = rows.get(("infer", "dense", r["device"], r["batch"], r["dtype"]))
+        if base:
+            out["inference"].append({"net": r["net"], "device": r["device"], "batch": r["batch"], "dtype": r["dtype"],
+                                     "macs_ratio": r["macs_ratio"], "speedup": r["images_per_s"] / base["images_per_s"]})
+    out["notes"] = (f"epochs of {args.train_images} images; search epoch in fine-tune epochs = fine-tune step "
+                    "throughput of the pruned net / search step throughput; evaluation time not included")
+    return out
+
+
+def report(results: ResultsFile, args: argparse.Namespace) -> None:
+    derived = derive(results, args)
+    results.data["derived"] = derived
+    results.save()
+    print(f"{'part':7} {'net':22} {'device':6} {'batch':>5} {'dtype':5} {'img/s':>10} {'ms/step':>9} {'MACs':>6} {'syncs':>5}")
+    for r in results.rows:
+        print(f"{r['part']:7} {r['net']:22} {r['device']:6} {r['batch']:>5} {r['dtype']:5} {r['images_per_s']:>10.1f} "
+              f"{r['ms_per_step']:>9.3f} {r['macs_ratio']:>6.3f} {'-' if r['host_syncs_per_step'] is None else r['host_syncs_per_step']:>5}")
+    for e in derived["search"]:
+        ft = e.get("search_epoch_in_finetune_epochs_uniform_l1")
+        print(f"search @ keep {e['target']}: {e['search_images_per_s']:.0f} img/s"
+              + (f", dense training step is {e['search_step_over_dense_step']:.2f}x the search step's throughput" if e["dense_train_images_per_s"] else "")
+              + (f"; one search epoch = {ft:.2f} fine-tune epochs (uniform-L1 net), "
+                 f"{args.search_epochs} search epochs = {ft * args.search_epochs:.1f}" if ft else ""))
+    for e in derived["inference"]:
+        print(f"infer {e['net']:22} {e['device']} bs {e['batch']} {e['dtype']}: MACs {e['macs_ratio']:.3f}, "
+              f"speed-up {e['speedup']:.2f}x")
+    print(f"[speed] wrote {results.path}", flush=True)
+
+
+# ------------------------------------------------------------------ CLI
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="benchmarks/speed.py", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--results", help="results JSON (default benchmarks/results/speed.json; --smoke: a temp dir)")
+    p.add_argument("--arch", help="backbone (default resnet18 with CIFAR stem; --smoke: convnet)")
+    p.add_argument("--weights", help="optional backbone weights (e.g. the quality benchmark's checkpoint)")
+    p.add_argument("--quality-results", help="quality.json: also time the allocations PASS learned there")
+    p.add_argument("--targets", nargs="+", type=float, help="keep ratios of dense MACs (default 0.5 0.25)")
+    p.add_argument("--batch-size", type=int, help="training/search batch (default 512)")
+    p.add_argument("--infer-batch", type=int, help="large inference batch (default 1024)")
+    p.add_argument("--warmup", type=int, help="untimed steps first (default 10)")
+    p.add_argument("--steps", type=int, help="timed steps per repeat (default 30)")
+    p.add_argument("--latency-steps", type=int, help="timed steps per repeat at batch 1 (default 100)")
+    p.add_argument("--repeats", type=int, help="repeats; the median is reported (default 5)")
+    p.add_argument("--search-epochs", type=int, default=8, help="for (c): search epochs of the quality protocol")
+    p.add_argument("--train-images", type=int, default=45000, help="for (c): images per epoch (45k/5k train/val)")
+    p.add_argument("--time-budget", type=float, metavar="SECONDS", help="start no measurement that would end after this")
+    p.add_argument("--smoke", action="store_true", help="CPU only, tiny convnet, a few steps")
+    p.add_argument("--debug", action="store_true", help="full tracebacks")
+    args = p.parse_args(argv)
+    smoke = dict(arch="convnet", targets=[0.5], batch_size=32, infer_batch=16, warmup=1, steps=2, latency_steps=2, repeats=1)
+    full = dict(arch="resnet18", targets=[0.5, 0.25], batch_size=512, infer_batch=1024, warmup=10, steps=30,
+                latency_steps=100, repeats=5)
+    for key, value in (smoke if args.smoke else full).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    args.width = 0.25 if args.smoke else 1.0
+    args.image_size = 16 if args.smoke else 32
+    args.num_classes = 10
+    args.min_channels, args.round_to = (1, 1) if args.smoke else (8, 8)
+    if args.results is None:
+        args.results = (str(Path(tempfile.mkdtemp(prefix="passray-speed-")) / "speed.json") if args.smoke
+                        else str(REPO / "benchmarks" / "results" / "speed.json"))
+    return args
+
+
+def protocol(args: argparse.Namespace) -> dict[str, Any]:
+    keys = ("smoke", "arch", "width", "image_size", "num_classes", "min_channels", "round_to", "warmup", "steps",
+            "latency_steps", "repeats")
+    return {**{k: getattr(args, k) for k in keys}, "weights": args.weights and Path(args.weights).name,
+            "timing": "median over repeats of (wall time of `steps` steps between device syncs) / steps, after warm-up; "
+                      "synthetic inputs already on the device (no data loading)",
+            "search_step": "passray.network.PrunableNet + PassPruner (pad prompt 4, LSTM hidden 64), allocator on the "
+                           "device each step, backbone frozen but the head, AdamW on hypernet + prompt + head",
+            "train_step": "SGD (Nesterov) on all weights; bf16 autocast and channels_last on CUDA",
+            "pruned_nets": "passray.budget.Allocator masks (min_channels/round_to above) from l1-uniform and "
+                           "l2-global scores, physically pruned with groups.prune; random init unless weights given"}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    settings = gpu_settings()
+    budget = TimeBudget(args.time_budget, reserve=5.0)
+    results = ResultsFile(args.results, "speed", ["part", "net", "device", "batch", "dtype"], protocol(args))
+    results.start_invocation(settings)
+    nets = Nets(args)
+    cases = plan(args, nets)
+    todo = [c for c in cases if not results.has(c.key())]
+    print(f"[speed] {len(cases) - len(todo)} of {len(cases)} measurements already in {args.results}; {len(todo)} to run",
+          flush=True)
+    failures = 0
+    for case in todo:
+        guess = estimate(results.rows, "seconds", [
+            lambda r: (r["part"], r["device"], r["batch"]) == (case.part, case.device, case.batch),
+            lambda r: r["part"] == case.part], margin=1.3, extra=2.0)
+        if not budget.allows(guess):
+            print(f"[speed] time budget: stopped before {case.key()} after {budget.elapsed():.0f} s; "
+                  "run the same command again to continue", flush=True)
+            break
+        try:
+            row = measure(nets, case, args)
+        except Exception as err:  # e.g. out of memory on one case: keep the others
+            if args.debug:
+                raise
+            failures += 1
+            print(f"[speed] FAILED {case.key()}: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}",
+                  file=sys.stderr, flush=True)
+            continue
+        results.add(row)
+        print(f"[speed] {case.part} {case.net} {case.device} bs {case.batch} {case.dtype}: "
+              f"{row['images_per_s']:.1f} img/s ({row['seconds']:.1f} s)", flush=True)
+    report(results, args)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    cli(main, "benchmarks/speed.py")

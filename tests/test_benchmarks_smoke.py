@@ -1,0 +1,119 @@
+"""The benchmark scripts' smoke modes, as a user runs them: subprocesses on the CPU.
+
+Each script runs twice on the same results file: the first run writes every row, the
+second must find them all and run none (resumability is what lets the GPU benchmark
+span several 10-minute commands).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+BENCH = REPO / "benchmarks"
+sys.path.insert(0, str(BENCH))
+
+from _common import ResultsFile, TimeBudget, estimate, mean_std  # noqa: E402
+
+QUALITY_FIELDS = ("setting", "row", "method", "allocation", "prompt", "recurrent", "target", "seed", "head_epochs",
+                  "macs_ratio", "params_ratio", "test_before_ft", "val_before_ft", "test_after_ft1",
+                  "test_after_ft_final", "val_after_ft_final", "initial_masked_val_accuracy", "search_seconds",
+                  "finetune_seconds_per_epoch", "wall_seconds", "kept_per_group", "config")
+SPEED_FIELDS = ("part", "net", "device", "batch", "dtype", "images_per_s", "ms_per_step", "macs_ratio", "seconds")
+
+
+def _run(script: str, *args: str) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, str(BENCH / script), "--smoke", *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"{script} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc
+
+
+def test_quality_smoke_writes_rows_and_resumes(tmp_path: Path) -> None:
+    results = tmp_path / "quality.json"
+    first = _run("quality.py", "--results", str(results))
+    data = json.loads(results.read_text())
+    keys = {(r["setting"], r["row"], r["target"], r["seed"]) for r in data["rows"]}
+    assert keys == {(s, r, 0.5, 0) for s in ("all", "shifted") for r in ("pass", "uniform_l1")}, first.stdout
+    for row in data["rows"]:
+        missing = [f for f in QUALITY_FIELDS if f not in row]
+        assert not missing, f"row {row['setting']}/{row['row']} lacks {missing}"
+        assert 0.3 < row["macs_ratio"] <= 0.5 + 1e-9
+        for f in ("test_before_ft", "test_after_ft1", "test_after_ft_final", "val_before_ft"):
+            assert 0.0 <= row[f] <= 1.0
+        assert row["test_after_ft1"] == row["test_after_ft_final"]  # one fine-tune epoch in smoke mode
+        assert row["equivalence_max_abs_diff"] < 1e-3
+        assert row["config"]["model"]["weights"] == data["backbones"][row["setting"]]["path"]
+        is_pass = row["method"] == "pass"
+        assert (row["initial_masked_val_accuracy"] is not None) == is_pass
+        # baselines get head training equal to PASS's search epochs only where the head is new
+        assert row["head_epochs"] == (1 if row["setting"] == "shifted" and not is_pass else 0)
+    assert data["backbones"]["shifted"]["classes"] == [0, 1, 2, 3, 4]
+    assert data["backbones"]["shifted"]["head_removed"] is True
+    assert {"command", "environment", "protocol", "summary"} <= set(data)
+    assert "--smoke" in data["command"] and data["environment"]["torch"]
+    assert len(data["summary"]) == 4 and all(s["test_after_ft_final"]["n"] == 1 for s in data["summary"])
+    assert results.with_suffix(".md").read_text().count("| all |") == 2
+    assert results.with_suffix(".png").stat().st_size > 0
+
+    # A fresh GPU machine has lost the checkpoints: the backbone is re-trained, must come out
+    # bit-identical (sha256 checked against the rows), and only the new row runs.
+    shutil.rmtree(tmp_path / "work")
+    second = _run("quality.py", "--results", str(results), "--setting", "all", "--methods", "pass", "uniform_l1",
+                  "uniform_random")
+    assert "2 of 3 rows already" in second.stdout and "pretraining the 'all' backbone" in second.stdout
+    again = json.loads(results.read_text())
+    assert again["rows"][:4] == data["rows"]
+    assert [(r["setting"], r["row"]) for r in again["rows"][4:]] == [("all", "uniform_random")]
+    assert again["rows"][4]["backbone_sha256"] == data["backbones"]["all"]["sha256"]
+    assert len(again["invocations"]) == 2
+
+
+def test_speed_smoke_writes_rows_and_resumes(tmp_path: Path) -> None:
+    results = tmp_path / "speed.json"
+    _run("speed.py", "--results", str(results))
+    data = json.loads(results.read_text())
+    keys = {(r["part"], r["net"]) for r in data["rows"]}
+    nets = {"dense", "uniform_l1@0.5", "global_l2@0.5"}
+    assert keys == ({("train", n) for n in nets} | {("search", "pass@0.5")} | {("infer", n) for n in nets})
+    assert len(data["rows"]) == 10  # infer at batch 16 and batch 1
+    for row in data["rows"]:
+        assert not [f for f in SPEED_FIELDS if f not in row]
+        assert row["images_per_s"] > 0 and row["device"] == "cpu"
+        if row["net"] != "dense" and row["part"] != "search":
+            assert 0.3 < row["macs_ratio"] <= 0.5 + 1e-9
+    search = data["derived"]["search"]
+    assert len(search) == 1 and search[0]["search_epoch_in_finetune_epochs_uniform_l1"] > 0
+    assert {"command", "environment", "protocol"} <= set(data)
+
+    second = _run("speed.py", "--results", str(results))
+    assert "10 of 10 measurements already" in second.stdout
+    assert json.loads(results.read_text())["rows"] == data["rows"]
+
+
+def test_results_file_refuses_another_protocol(tmp_path: Path) -> None:
+    path = tmp_path / "r.json"
+    results = ResultsFile(path, "quality", ["a"], {"epochs": 1})
+    results.add({"a": 1, "seconds": 10.0})
+    assert ResultsFile(path, "quality", ["a"], {"epochs": 1}).has((1,))
+    with pytest.raises(ValueError, match="another protocol"):
+        ResultsFile(path, "quality", ["a"], {"epochs": 2})
+    with pytest.raises(ValueError, match="not 'speed'"):
+        ResultsFile(path, "speed", ["a"])
+
+
+def test_time_budget_and_estimates() -> None:
+    rows = [{"kind": "x", "seconds": 10.0}, {"kind": "x", "seconds": 20.0}, {"kind": "y", "seconds": 1.0}]
+    guess = estimate(rows, "seconds", [lambda r: r["kind"] == "z", lambda r: r["kind"] == "x"], margin=1.0, extra=0.0)
+    assert guess == 20.0
+    assert estimate(rows, "seconds", [lambda r: False]) is None
+    budget = TimeBudget(30.0)
+    assert budget.allows(None) and budget.allows(20.0) and not budget.allows(40.0)
+    assert TimeBudget(None).allows(1e9)
+    assert mean_std([0.5, 0.7, None]) == (pytest.approx(0.6), pytest.approx(0.1414, abs=1e-4), 2)
