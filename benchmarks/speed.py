@@ -155,10 +155,13 @@ def train_step(nets: Nets, case: Case, device: torch.device) -> Callable[[], Non
     if cl:
         net = net.to(memory_format=torch.channels_last)
     opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=5e-4)
-    x, y = _batch(nets, case, device, cl)
+    return _step(net, opt, *_batch(nets, case, device, cl), device, case.dtype)
 
+
+def _step(net: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
+          device: torch.device, dtype: str) -> Callable[[], None]:
     def step() -> None:
-        with _autocast(device, case.dtype):
+        with _autocast(device, dtype):
             loss = F.cross_entropy(net(x).float(), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -172,7 +175,7 @@ def search_step(nets: Nets, case: Case, device: torch.device) -> Callable[[], No
     from passray.budget import Allocator
     from passray.config import BudgetConfig, HypernetConfig, PromptConfig
     from passray.export import build_groups
-    from passray.hypernet import PassHypernet, PassPruner, group_statistics
+    from passray.hypernet import create_pass_pruner
     from passray.models import classifier
     from passray.network import PrunableNet
     from passray.prompts import create_prompt
@@ -185,25 +188,15 @@ def search_step(nets: Nets, case: Case, device: torch.device) -> Callable[[], No
     groups = build_groups(backbone, nets.args.image_size)
     budget = BudgetConfig(keep_ratio=float(case.net.split("@")[1]), allocation="global",
                           min_channels=nets.args.min_channels, round_to=nets.args.round_to)
-    h = HypernetConfig()
-    stats = group_statistics(groups, h.stats_length)
-    hypernet = PassHypernet(stats.shape[1], groups.widths, h.hidden_size, h.recurrent, net.prompt.enabled, h.stats_length)
-    pruner = PassPruner(hypernet, groups, Allocator(groups.cost, budget, device), h.magnitude_prior, h.temperature).to(device)
+    pruner = create_pass_pruner(groups, HypernetConfig(), Allocator(groups.cost, budget, device),
+                                net.prompt.enabled).to(device)
+    hypernet = pruner.hypernet
     head = classifier(backbone)
     backbone.requires_grad_(False)
     head.requires_grad_(True)
     net.attach(groups, pruner)
     opt = torch.optim.AdamW([*hypernet.parameters(), *net.prompt.parameters(), *head.parameters()], lr=3e-3, weight_decay=0.0)
-    x, y = _batch(nets, case, device, cl)
-
-    def step() -> None:
-        with _autocast(device, case.dtype):
-            loss = F.cross_entropy(net(x).float(), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
-    return step
+    return _step(net, opt, *_batch(nets, case, device, cl), device, case.dtype)
 
 
 def infer_step(nets: Nets, case: Case, device: torch.device) -> Callable[[], None]:

@@ -6,11 +6,14 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from passray.config import Config, ConfigError, describe_keys, load_config
 
-__all__ = ["format_table", "load_from_args", "make_parser", "run_cli"]
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "tune_configs" / "quickstart.yaml"
+
+__all__ = ["DEFAULT_CONFIG", "format_table", "load_from_args", "make_parser", "run_cli"]
 
 
 def make_parser(prog: str, description: str) -> argparse.ArgumentParser:
@@ -24,8 +27,9 @@ def make_parser(prog: str, description: str) -> argparse.ArgumentParser:
     return parser
 
 
-def load_from_args(args: argparse.Namespace, default_config: str | None = None) -> Config:
-    return load_config(args.config or default_config, args.set)
+def load_from_args(args: argparse.Namespace) -> Config:
+    """--config, else the embedded default (``tune_configs/quickstart.yaml``), plus --set overrides."""
+    return load_config(args.config or (DEFAULT_CONFIG if DEFAULT_CONFIG.is_file() else None), args.set)
 
 
 def run_cli(main: Callable[[list[str] | None], Any], prog: str, argv: Sequence[str] | None = None) -> None:

@@ -82,6 +82,7 @@ class HypernetConfig(_Section):
     temperature: float = Field(0.5, gt=0, description="straight-through sigmoid temperature at the start of search")
     temperature_final: float | None = Field(0.1, gt=0, description="annealed to this by the end of search; None keeps it fixed")
     batch_norm: Literal["batch", "frozen"] = Field("batch", description="BN during search: batch statistics (what BN recalibration later gives) or the backbone's frozen running statistics")
+    keep: Literal["best", "last"] = Field("best", description="after search: masks, head and prompt of the best-validated epoch (initial masks included), or of the last")
     magnitude_prior: bool = Field(True, description="bias scores with standardised L1 magnitudes so search starts near global L1")
 
 

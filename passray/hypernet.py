@@ -26,9 +26,10 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from passray.budget import Allocation, Allocator
+from passray.config import HypernetConfig
 from passray.groups import ChannelGroups
 
-__all__ = ["PassHypernet", "PassPruner", "group_statistics", "load_hypernet", "magnitude_priors", "save_hypernet"]
+__all__ = ["PassHypernet", "PassPruner", "create_pass_pruner", "group_statistics", "load_hypernet", "magnitude_priors", "save_hypernet"]
 
 SCHEMA_VERSION = 1
 STATISTICS = ("l1", "l2", "mean", "std", "norm_weight", "norm_bias")
@@ -203,6 +204,15 @@ class PassPruner(nn.Module):
     @torch.no_grad()
     def hard_masks(self, prompt: torch.Tensor | None) -> Allocation:
         return self.allocator(self.scores(prompt))
+
+
+def create_pass_pruner(groups: ChannelGroups, cfg: HypernetConfig, allocator: Allocator, use_prompt: bool,
+                       hypernet: PassHypernet | None = None) -> PassPruner:
+    """A pruner for ``groups``: a fresh hypernet sized by ``cfg``, or a given (e.g. transferred) one."""
+    if hypernet is None:
+        stats_dim = group_statistics(groups, cfg.stats_length).shape[1]
+        hypernet = PassHypernet(stats_dim, groups.widths, cfg.hidden_size, cfg.recurrent, use_prompt, cfg.stats_length)
+    return PassPruner(hypernet, groups, allocator, cfg.magnitude_prior, cfg.temperature)
 
 
 def save_hypernet(hypernet: PassHypernet, directory: str | Path, extra: dict[str, Any] | None = None) -> Path:

@@ -28,7 +28,7 @@ from passray.config import Config, OptimConfig
 from passray.data import load_dataset, make_loaders
 from passray.export import (build_groups, check_equivalence, exact_fp32, masks_from_structure, measure, save_pruned,
                             structure_record)
-from passray.hypernet import PassHypernet, PassPruner, group_statistics, save_hypernet
+from passray.hypernet import PassHypernet, create_pass_pruner, save_hypernet
 from passray.importance import compute_scores
 from passray.models import backbone_id, classifier, create_backbone
 from passray.network import PrunableNet
@@ -164,11 +164,11 @@ class _Run:
     def _search_pass(self) -> None:
         cfg = self.cfg
         backbone = self.net.backbone
-        self.hypernet = self.rt.hypernet or self._new_hypernet()
+        pruner = create_pass_pruner(self.groups, cfg.hypernet, self.allocator, self.net.prompt.enabled,
+                                    self.rt.hypernet).to(self.device)
+        self.hypernet = pruner.hypernet
         if self.restored is not None and "hypernet" in self.restored:
             self.hypernet.load_state_dict(self.restored["hypernet"])
-        pruner = PassPruner(self.hypernet, self.groups, self.allocator, cfg.hypernet.magnitude_prior,
-                            cfg.hypernet.temperature).to(self.device)
         head = self._freeze_all_but_head()
         best = self.meta.setdefault("best_search", {"accuracy": -1.0, "masks": None})
         if not self._done("search", -1) and "initial_masked_val_accuracy" not in self.meta["results"]:
@@ -190,7 +190,7 @@ class _Run:
         def masked_eval() -> dict[str, float]:
             allocation = pruner.hard_masks(self.net.prompt.tensor())
             out = self._masked_val(allocation.masks)
-            if out["accuracy"] > best["accuracy"]:
+            if out["accuracy"] > best["accuracy"] or cfg.hypernet.keep == "last":
                 best.update(accuracy=out["accuracy"], masks=self._kept(allocation.masks), trained=self._snapshot(head))
             return {**out, "macs_ratio": float(allocation.ratio)}
 
@@ -198,7 +198,7 @@ class _Run:
         params = [*self.hypernet.parameters(), *self.net.prompt.parameters(), *head.parameters()]
         self.net.attach(self.groups, pruner)  # before _fit wraps the net: DDP must see the hypernet's parameters
         self._fit("search", self.net, params, cfg.search, on_epoch_start=anneal, evaluate=masked_eval)
-        # The masks that validated best (the hypernet's initial ones included): val is for decisions.
+        # hypernet.keep=best: the masks that validated best (initial ones included); val is for decisions.
         self.masks = [torch.zeros(w, device=self.device).index_fill_(0, torch.as_tensor(k, device=self.device), 1.0)
                       for w, k in zip(self.groups.widths, best["masks"])]
         self.meta["results"]["search_best_val_accuracy"] = best["accuracy"]
@@ -214,11 +214,6 @@ class _Run:
     @staticmethod
     def _kept(masks: list[torch.Tensor]) -> list[list[int]]:
         return [torch.nonzero(m > 0.5).flatten().tolist() for m in masks]
-
-    def _new_hypernet(self) -> PassHypernet:
-        h = self.cfg.hypernet
-        stats_dim = group_statistics(self.groups, h.stats_length).shape[1]
-        return PassHypernet(stats_dim, self.groups.widths, h.hidden_size, h.recurrent, self.net.prompt.enabled, h.stats_length)
 
     def _freeze_all_but_head(self) -> nn.Module:
         head = classifier(self.net.backbone)
@@ -289,7 +284,8 @@ class _Run:
             self.masks = [m.to(self.device) for m in masks_from_structure(self.rt.structure, self.groups)]
         if cfg.method == "pass" and self.rt.structure is None:
             if self._done("finetune", -1):
-                self.hypernet = self.rt.hypernet or self._new_hypernet()
+                self.hypernet = create_pass_pruner(self.groups, cfg.hypernet, self.allocator, self.net.prompt.enabled,
+                                                   self.rt.hypernet).hypernet
                 self.hypernet.load_state_dict(self.restored["hypernet"])
             else:
                 self._search_pass()

@@ -21,15 +21,14 @@ from typing import Any
 import ray
 from ray import tune
 
-from passray._cli import format_table, make_parser, run_cli
-from passray.config import Config, ConfigError, apply_overrides, load_config, validate
+from passray._cli import format_table, load_from_args, make_parser, run_cli
+from passray.config import Config, ConfigError, apply_overrides, validate
 from passray.pipeline import Runtime, pretrain, run
 from passray.tracking import Tracker, resolve_uri
 from passray.train import copy_export, fit, scalar_metrics, storage_uri
 
-__all__ = ["DEFAULT_CONFIG", "build_space", "main", "pareto_front"]
+__all__ = ["build_space", "main", "pareto_front"]
 
-DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "tune_configs" / "quickstart.yaml"
 SPACE_TYPES = ("int", "uniform", "loguniform", "choice")
 RESULT_COLUMNS = ["trial", "prompt.kind", "prompt.size", "hypernet.hidden_size", "budget.keep_ratio", "macs_ratio",
                   "val_accuracy", "test_accuracy", "status"]
@@ -235,7 +234,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser = make_parser("passray.tune", __doc__.split("\n\n")[0])
     parser.add_argument("--resume", metavar="PATH", help="experiment dir of an interrupted run (Tuner.restore)")
     args = parser.parse_args(argv)
-    cfg = load_config(args.config or DEFAULT_CONFIG, args.set)
+    cfg = load_from_args(args)
     space = build_space(cfg)
     uri = resolve_uri(cfg.tracking.uri)
     tracker = Tracker(uri)  # fails here, before any training, if MLflow is unreachable

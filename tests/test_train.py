@@ -157,10 +157,11 @@ def test_two_workers_match_one_worker_with_double_batch(ray_cluster, tmp_path):
     - no augmentation (seeded per rank), no pretraining, the same seed, no dropout in the
       model; SGD, whose update is linear in the gradient (Adam's first step is ~lr*sign(g),
       which amplifies rounding wherever g is near zero);
-    - ``finetune.epochs: 0``, so the exported prompt and head are the post-search values.
+    - ``finetune.epochs: 0`` and ``hypernet.keep: last``, so the exported prompt and head are
+      the post-search values (``best`` could pick the initial ones).
     """
     b = 8
-    common = dict(data={"batch_size": b, "limit_train": 2 * b}, hypernet={"batch_norm": "frozen"},
+    common = dict(data={"batch_size": b, "limit_train": 2 * b}, hypernet={"batch_norm": "frozen", "keep": "last"},
                   search={"epochs": 1, "optimizer": "sgd", "lr": 0.5, "weight_decay": 0.0},
                   finetune={"epochs": 0}, bn_recalibration_batches=0)
     from passray.train import fit
