@@ -50,6 +50,9 @@ class Allocator:
                 f"({smallest / self.dense:.3f} of dense {budget.kind})")
         cmax = int(widths.max())
         self.valid = torch.arange(cmax, device=self.device)[None, :] < widths[:, None]  # [G, Cmax]
+        # Flat positions of real channels in the padded [G, Cmax] layout: gathers/scatters with a
+        # fixed index instead of boolean masking, whose data-dependent size forces a host sync.
+        self.flat = torch.nonzero(self.valid.flatten()).flatten()
 
     def __call__(self, scores: list[torch.Tensor]) -> Allocation:
         padded = self._pad(scores)
@@ -63,8 +66,9 @@ class Allocator:
     def _pad(self, scores: list[torch.Tensor]) -> torch.Tensor:
         if len(scores) != len(self.widths):
             raise ValueError(f"expected scores for {len(self.widths)} groups, got {len(scores)}")
-        padded = torch.full(self.valid.shape, float("-inf"), device=self.device)
-        return padded.masked_scatter(self.valid, torch.cat([s.detach().float().to(self.device) for s in scores]))
+        flat = torch.full((self.valid.numel(),), float("-inf"), device=self.device)
+        flat = flat.index_copy(0, self.flat, torch.cat([s.detach().float().to(self.device) for s in scores]))
+        return flat.view(self.valid.shape)
 
     def _round(self, counts: torch.Tensor) -> torch.Tensor:
         """Round up to ``round_to``, then clamp to [min_channels, width]; counts are [N, G]."""
@@ -76,7 +80,7 @@ class Allocator:
     def _global_candidates(self, padded: torch.Tensor) -> torch.Tensor:
         """Kept counts for every threshold equal to one of the scores: [N, G]."""
         ascending = padded.sort(dim=1).values  # -inf padding first
-        thresholds = padded[self.valid]  # [N]
+        thresholds = padded.flatten()[self.flat]  # [N], every score is a candidate threshold
         below = torch.searchsorted(ascending, thresholds[None, :].expand(len(ascending), -1).contiguous())
         counts = (padded.shape[1] - below).T.to(torch.float64)  # channels with score >= threshold
         return self._round(counts)

@@ -90,9 +90,10 @@ def run_epoch(model: nn.Module, loader: Iterable, device: torch.device, *, optim
                 optimizer.step()
                 if scheduler is not None:
                     scheduler.step()
-            n = y.numel()
-            sums += torch.stack([loss.detach().double() * n, (logits.argmax(1) == y).sum().double(),
-                                 torch.tensor(n, device=device, dtype=torch.float64)])
+            n = y.numel()  # Python scalars go to the kernels as arguments: no host-device copy
+            sums[0] += loss.detach().double() * n
+            sums[1] += (logits.argmax(1) == y).sum()
+            sums[2] += n
     loss_sum, correct, n = _reduce(sums).tolist()
     return {"loss": loss_sum / max(n, 1), "accuracy": correct / max(n, 1)}
 
