@@ -49,6 +49,22 @@ def _is_depthwise(module: nn.Module) -> bool:
     return isinstance(module, nn.Conv2d) and module.groups == module.in_channels == module.out_channels > 1
 
 
+def _unsupported(group: "ChannelGroup", model: nn.Module) -> str | None:
+    """Why masking this group would not equal pruning it (then it is left whole), or None.
+
+    - grouped (not depthwise) convs need the same channels kept in every conv group;
+    - LayerNorm/GroupNorm normalise *over* channels, so a zeroed channel still shifts the
+      statistics of the kept ones.
+    """
+    for it in group.items:
+        module = model.get_submodule(it.module)
+        if isinstance(module, nn.Conv2d) and module.groups > 1 and not _is_depthwise(module):
+            return f"grouped convolution {it.module} (groups={module.groups})"
+        if isinstance(module, (nn.LayerNorm, nn.GroupNorm)):
+            return f"{type(module).__name__} {it.module} normalises over channels"
+    return None
+
+
 def _needs_gate(module: nn.Module, dim: str) -> bool:
     """Gate outputs that could be non-zero for a zero input channel."""
     if dim != "out":
@@ -70,17 +86,26 @@ class ChannelGroups:
         self.input_shape = tuple(example_input.shape[1:])
         was_training = model.training
         model.eval()
-        self.dg = tp.DependencyGraph().build_dependency(model, example_inputs=example_input, verbose=False)
         names = {m: n for n, m in model.named_modules()}
         order = {n: i for i, n in enumerate(names.values())}
-        raw = self.dg.get_all_groups(ignored_layers=list(ignored_layers), root_module_types=[nn.Conv2d, nn.Linear])
         self.groups: list[ChannelGroup] = []
-        for tp_group in raw:
-            group = self._convert(tp_group, names)
-            if group is not None:
-                self.groups.append(group)
+        self.left_whole: dict[str, str] = {}  # group name -> why it is not pruned
+        try:
+            self.dg = tp.DependencyGraph().build_dependency(model, example_inputs=example_input, verbose=False)
+            for tp_group in self.dg.get_all_groups(ignored_layers=list(ignored_layers),
+                                                   root_module_types=[nn.Conv2d, nn.Linear]):
+                group = self._convert(tp_group, names)
+                reason = _unsupported(group, model) if group is not None else None
+                if reason:
+                    self.left_whole[group.name] = reason
+                elif group is not None:
+                    self.groups.append(group)
+        except (RuntimeError, ValueError, ZeroDivisionError, IndexError, KeyError) as err:
+            raise ValueError(f"{type(model).__name__}: Torch-Pruning cannot derive its channel groups "
+                             f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})") from None
         if not self.groups:
-            raise ValueError(f"no prunable channel groups found in {type(model).__name__}")
+            why = f" (left whole: {'; '.join(sorted(set(self.left_whole.values())))})" if self.left_whole else ""
+            raise ValueError(f"no prunable channel groups found in {type(model).__name__}{why}")
         self.groups.sort(key=lambda g: order[g.name])  # network order, for the LSTM
         shapes = trace_layer_shapes(model, example_input)
         model.train(was_training)

@@ -12,6 +12,7 @@ The pipeline itself knows nothing about Ray (``Runtime.wrap`` does DDP for it).
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +38,7 @@ from passray.prompts import create_prompt
 __all__ = ["NullReporter", "Reporter", "Runtime", "pretrain", "run"]
 
 STAGES = ("pretrain", "search", "finetune", "done")
+_log = logging.getLogger(__name__)
 
 
 class Reporter(Protocol):
@@ -276,6 +278,8 @@ class _Run:
             self.meta["results"]["dense_val_accuracy"] = engine.evaluate(self.net, self.loaders.val, self.device, self.amp)["accuracy"]
         self.groups = build_groups(backbone, self.ds.image_size)
         self.net.attach(self.groups)
+        for name, why in self.groups.left_whole.items():
+            _log.info("group %s is left whole: %s", name, why)
         self.dense_macs = self.groups.cost.dense("macs")
         self.allocator = Allocator(self.groups.cost, cfg.budget, self.device)
         if self.restored is not None and "masks" in self.restored:
@@ -314,7 +318,8 @@ class _Run:
              "data": {"name": self.cfg.data.name, "classes": self.ds.class_names, "mean": list(self.ds.mean),
                       "std": list(self.ds.std)},
              "macs": {"dense": self.dense_macs, "pruned": results["pruned_macs"]},
-             "results": dict(results), "pruning_history": self.groups.pruning_history()})
+             "results": dict(results), "left_whole": self.groups.left_whole,
+             "pruning_history": self.groups.pruning_history()})
         if self.rt.rank == 0 and self.rt.export_dir is not None:
             self.export(self.rt.export_dir)
         self.meta.update(stage="done", epoch=0)

@@ -11,7 +11,8 @@ from passray.export import build_groups, check_equivalence
 from passray.groups import count_macs_params
 from passray.models import create_backbone
 
-ARCHS = ["resnet18", "resnet50", "vgg16_bn", "mobilenet_v2", "timm:efficientnet_b0", "resnet8"]
+ARCHS = ["resnet18", "resnet50", "vgg16_bn", "mobilenet_v2", "timm:efficientnet_b0", "resnet8",
+         "timm:regnetx_002", "timm:convnext_atto"]  # grouped convs / channel LayerNorm: some groups left whole
 COARSE = {"resnet8"}  # 6 groups of 16-64 channels: the nearest reachable ratio can be >1 % away
 KEEP = [0.25, 0.5, 0.75]
 
@@ -104,3 +105,18 @@ def test_masks_of_wrong_shape_are_refused() -> None:
     groups = build_groups(_model("resnet8"), 32)
     with pytest.raises(ValueError, match="shape"):
         groups.set_masks([torch.ones(g.width + 1) for g in groups.groups])
+
+
+@pytest.mark.parametrize("arch,reason", [("timm:regnetx_002", "grouped convolution"),
+                                         ("timm:convnext_atto", "normalises over channels")])
+def test_groups_that_masks_cannot_simulate_are_left_whole(arch: str, reason: str) -> None:
+    groups = build_groups(_model(arch), 32)
+    assert groups.left_whole and all(reason in why for why in groups.left_whole.values())
+    assert not set(groups.left_whole) & set(groups.names)
+
+
+def test_untraceable_model_gives_one_line_error() -> None:
+    model = create_backbone(ModelConfig(arch="shufflenet_v2_x1_0"), num_classes=10).eval()
+    with pytest.raises(ValueError, match="Torch-Pruning cannot derive its channel groups") as err:
+        build_groups(model, 32)
+    assert "\n" not in str(err.value)
