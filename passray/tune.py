@@ -240,8 +240,13 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     tracker = Tracker(uri)  # fails here, before any training, if MLflow is unreachable
     storage = storage_uri(cfg.train.storage_path)
     exp_dir = Path(args.resume) if args.resume else Path(storage) / cfg.tune.name
-    if not args.resume and exp_dir.exists():
-        raise ConfigError(f"{exp_dir} exists: pass --resume {exp_dir} to continue it, or change tune.name")
+    if args.resume and not (exp_dir / "passray_tune.json").is_file():
+        raise ConfigError(f"--resume {exp_dir}: not a passray.tune experiment directory")
+    if not args.resume and exp_dir.exists():  # a new run never touches an old one
+        taken = exp_dir
+        exp_dir = next(p for i in range(2, 10_000) if not (p := taken.with_name(f"{taken.name}-{i}")).exists())
+        cfg = validate(apply_overrides(cfg.to_dict(), [f"tune.name={exp_dir.name}"]))
+        print(f"{taken} exists (continue it with --resume {taken}); this run is {exp_dir.name}")
     exp_dir.mkdir(parents=True, exist_ok=True)
     state_file = exp_dir / "passray_tune.json"
     state = json.loads(state_file.read_text()) if state_file.exists() else {}
