@@ -38,7 +38,7 @@ def run_cli(main: Callable[[list[str] | None], Any], prog: str, argv: Sequence[s
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         main(argv)
-    except (ConfigError, ValueError, FileNotFoundError, KeyError, TypeError, RuntimeError) as err:
+    except (ConfigError, ValueError, OSError, KeyError, TypeError, RuntimeError) as err:
         if "--debug" in argv:
             raise
         message = str(err).splitlines()[0] if str(err) else type(err).__name__

@@ -35,10 +35,13 @@ def trace_layer_shapes(model: nn.Module, example_input: torch.Tensor) -> dict[st
                 channels = out.shape[-1] if isinstance(mod, nn.Linear) else out.shape[1]
                 shapes[name] = LayerShape(spatial=out.numel() // (batch * channels))
             handles.append(module.register_forward_hook(hook))
+    was_training = model.training
+    model.eval()  # a train-mode pass would move BN running statistics
     try:
         with torch.no_grad():
             model(example_input)
     finally:
+        model.train(was_training)
         for h in handles:
             h.remove()
     return shapes
@@ -93,7 +96,7 @@ class CostModel:
     def _add_terms(module: nn.Module, name: str, i: int, shapes: dict[str, LayerShape],
                    terms: dict[str, torch.Tensor], controlled_out: set[str]) -> None:
         depthwise = isinstance(module, _LAYERS[:3]) and module.groups == module.in_channels == module.out_channels > 1
-        if isinstance(module, _LAYERS):
+        if isinstance(module, _LAYERS) and name in shapes:  # layers that never run (aux heads) cost no MACs
             groups = 1 if isinstance(module, nn.Linear) else module.groups
             kernel = module.weight[0, 0].numel()
             per_position = (1, kernel) if depthwise else (0, kernel / groups)  # (row, coefficient)

@@ -40,13 +40,16 @@ class Allocator:
         widths = self.cost.widths.long()
         self.widths = widths
         self._width_list = [int(w) for w in widths.tolist()]
-        self.floor = torch.clamp(widths, max=budget.min_channels).to(torch.float64)
+        step = budget.round_to
+        floor = -(-budget.min_channels // step) * step  # min_channels rounded up to round_to
+        self.floor = torch.clamp(widths, max=floor).to(torch.float64)
         self.dense = self.cost.dense(budget.kind)
         self.target = budget.keep_ratio * self.dense
-        smallest = self.cost.minimum(budget.kind, budget.min_channels)
+        smallest = float(self.cost.cost(self.floor[None], budget.kind)[0])
         if smallest > self.target:
             raise ValueError(
-                f"budget.keep_ratio={budget.keep_ratio} is below what min_channels={budget.min_channels} allows "
+                f"budget.keep_ratio={budget.keep_ratio} is below what min_channels={budget.min_channels} "
+                f"(round_to={budget.round_to}) allows "
                 f"({smallest / self.dense:.3f} of dense {budget.kind})")
         cmax = int(widths.max())
         self.valid = torch.arange(cmax, device=self.device)[None, :] < widths[:, None]  # [G, Cmax]
@@ -90,7 +93,9 @@ class Allocator:
         return self._round(torch.round(fractions[:, None] * self.widths.to(torch.float64)))
 
     def _pick(self, candidates: torch.Tensor) -> torch.Tensor:
-        """The largest candidate within budget (ties: the first)."""
+        """The largest candidate within budget; the all-floor network is always a candidate and fits
+        (checked in __init__), so the budget is never exceeded."""
+        candidates = torch.cat([candidates, self.floor[None]])
         costs = self.cost.cost(candidates, self.budget.kind)
         costs = torch.where(costs <= self.target * (1 + 1e-9), costs, torch.full_like(costs, -1.0))
         return candidates[torch.argmax(costs)]

@@ -86,6 +86,9 @@ def load_dataset(cfg: DataConfig) -> Dataset:
         train_full, test, names = _select_classes(train_full, test, names, cfg.classes)
     if cfg.image_size is not None:
         train_full, test = _resize(train_full, cfg.image_size), _resize(test, cfg.image_size)
+    height, width = train_full.images.shape[-2:]
+    if height != width:  # prompts, cost tracing and structure.json assume square inputs
+        raise ValueError(f"data.name={cfg.name!r}: images are {height}x{width}; set data.image_size to use them square")
     train, val = _carve_val(train_full, cfg.val_fraction, cfg.seed, cfg.limit_train)
     mean, std = _channel_stats(train.images)
     return Dataset(cfg.name, train, val, test, len(names), list(names), mean, std)

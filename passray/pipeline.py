@@ -209,6 +209,12 @@ class _Run:
         self.net.fix_masks(self.masks)
         self.net.backbone.requires_grad_(True)
 
+    def _broadcast_masks(self) -> None:
+        """All ranks must prune identically: data-dependent scores (Taylor) differ per shard."""
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            for mask in self.masks:
+                torch.distributed.broadcast(mask, src=0)
+
     def _snapshot(self, head: nn.Module) -> dict[str, dict[str, torch.Tensor]]:
         copy = lambda module: {k: v.detach().clone() for k, v in module.state_dict().items()}  # noqa: E731
         return {"head": copy(head), "prompt": copy(self.net.prompt)}
@@ -295,6 +301,7 @@ class _Run:
                 self._search_pass()
         else:
             self._search_baseline()
+        self._broadcast_masks()
         if self._done("finetune", -1):  # resuming inside fine-tune: rebuild the pruned net, then load
             self.groups.prune(self.masks)
             self.net.load_state_dict(self.restored["net"])

@@ -35,6 +35,7 @@ from ray.train.torch import TorchTrainer
 from passray._cli import format_table, load_from_args, make_parser, run_cli
 from passray._state_io import load_state
 from passray.config import Config, validate
+from passray.export import atomic_directory
 from passray.pipeline import Runtime, run
 from passray.prune import TABLE_COLUMNS
 
@@ -98,6 +99,7 @@ class RayReporter:
         if self.tracker is not None:
             self.tracker.log_metrics(self.run_id, metrics, step=self.step)
             self.step += 1
+            metrics["mlflow_run_id"] = self.run_id
         if not self.writes_checkpoints or save_state is None:
             ray.train.report(metrics, checkpoint=None)
             return
@@ -221,18 +223,16 @@ def fit(cfg: Config, name: str | None = None, callbacks: list | None = None,
 def copy_export(checkpoint: Checkpoint | str, directory: str | Path) -> Path:
     """Copy structure.json, weights.safetensors and hypernet/ (if any) out of a checkpoint."""
     checkpoint = Checkpoint(checkpoint) if isinstance(checkpoint, str) else checkpoint
-    out = Path(directory)
-    out.mkdir(parents=True, exist_ok=True)
-    with checkpoint.as_directory() as src:
+    with checkpoint.as_directory() as src, atomic_directory(directory) as out:  # no stale files of an older run
         src = Path(src)
         if not (src / "structure.json").is_file():
             raise FileNotFoundError(f"checkpoint {checkpoint.path} holds no export (structure.json)")
         for item in EXPORT_FILES:
             if (src / item).is_dir():
-                shutil.copytree(src / item, out / item, dirs_exist_ok=True)
+                shutil.copytree(src / item, out / item)
             elif (src / item).is_file():
                 shutil.copy2(src / item, out / item)
-    return out
+    return Path(directory)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

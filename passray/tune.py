@@ -146,7 +146,8 @@ def run_trial(config: dict[str, Any]) -> None:
 # ---------------------------------------------------------------- driver
 def pareto_front(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Rows not dominated in (higher val_accuracy, lower macs_ratio)."""
-    done = [r for r in rows if r.get("val_accuracy") is not None and r.get("macs_ratio") is not None]
+    done = [r for r in rows if r.get("status") == "done" and r.get("val_accuracy") is not None
+            and r.get("macs_ratio") is not None]
     front = [r for r in done if not any(
         o["val_accuracy"] >= r["val_accuracy"] and o["macs_ratio"] <= r["macs_ratio"]
         and (o["val_accuracy"] > r["val_accuracy"] or o["macs_ratio"] < r["macs_ratio"]) for o in done)]
@@ -157,20 +158,27 @@ def _tune_config(cfg: Config, slots: int):
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.optuna import OptunaSearch
 
-    stages = cfg.search.epochs + cfg.finetune.epochs + (cfg.head_epochs if cfg.method != "pass" else 0) + 1
     if cfg.tune.objective == "multi":
         searcher = OptunaSearch(metric=["val_accuracy", "macs_ratio"], mode=["max", "min"], seed=cfg.seed)
         return tune.TuneConfig(search_alg=searcher, num_samples=cfg.tune.num_samples, max_concurrent_trials=slots)
-    scheduler = ASHAScheduler(max_t=max(stages, 1), grace_period=min(cfg.tune.grace_period, stages),
+    # max_t well above any trial's number of reports (epochs are searchable): ASHA only stops at
+    # its rungs, and a trial that finishes reports its final, exported result.
+    scheduler = ASHAScheduler(max_t=10_000, grace_period=cfg.tune.grace_period,
                               reduction_factor=cfg.tune.reduction_factor)
     return tune.TuneConfig(metric="val_accuracy", mode="max", search_alg=OptunaSearch(seed=cfg.seed),
                            scheduler=scheduler, num_samples=cfg.tune.num_samples, max_concurrent_trials=slots)
 
 
-def _slots(cfg: Config, per_trial: float) -> int:
+def _slots(cfg: Config, driver_cpus: float) -> int:
+    """Trials that fit at once: the driver's CPUs plus, with Ray Train, its workers' CPUs/GPUs."""
     if cfg.tune.max_concurrent_trials:
         return cfg.tune.max_concurrent_trials
-    return max(1, int(ray.cluster_resources().get("CPU", 1) // per_trial))
+    workers = cfg.train.num_workers
+    cluster = ray.cluster_resources()
+    fits = cluster.get("CPU", 1) // (driver_cpus + workers * cfg.train.cpus_per_worker)
+    if workers and cfg.train.use_gpu:
+        fits = min(fits, cluster.get("GPU", 0) // workers)
+    return max(1, int(fits))
 
 
 def _rows(results) -> list[dict[str, Any]]:
@@ -196,7 +204,7 @@ def _report(rows: list[dict[str, Any]], front: list[dict[str, Any]], out: Path, 
     table = format_table(rows, RESULT_COLUMNS)
     front_table = format_table(front, RESULT_COLUMNS)
     fig, ax = plt.subplots(figsize=(6, 4))
-    done = [r for r in rows if r["val_accuracy"] is not None and r["macs_ratio"] is not None]
+    done = [r for r in rows if r["status"] == "done" and r["val_accuracy"] is not None]
     ax.scatter([r["macs_ratio"] for r in done], [r["val_accuracy"] for r in done], label="trials", alpha=0.6)
     ax.plot([r["macs_ratio"] for r in front], [r["val_accuracy"] for r in front], "o-", color="C3", label="Pareto front")
     ax.set_xlabel("MACs kept (fraction of dense)")
@@ -221,7 +229,7 @@ def _report(rows: list[dict[str, Any]], front: list[dict[str, Any]], out: Path, 
 def _register(cfg: Config, rows: list[dict[str, Any]], front: list[dict[str, Any]], uri: str) -> None:
     from passray.registry import register_run
 
-    done = [r for r in rows if r["status"] == "done" and r["val_accuracy"] is not None]
+    done = [r for r in rows if r["status"] == "done"]
     chosen = pareto_front(done) if cfg.tune.objective == "multi" else sorted(done, key=lambda r: -r["val_accuracy"])[:1]
     for row in chosen:
         if row.get("mlflow_run_id"):
@@ -236,6 +244,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     args = parser.parse_args(argv)
     cfg = load_from_args(args)
     space = build_space(cfg)
+    if "://" in cfg.train.storage_path:  # the shared backbone and results are files the driver writes
+        raise ConfigError(f"config key 'train.storage_path': passray.tune needs a directory every node mounts "
+                          f"(local or NFS), got {cfg.train.storage_path!r}")
     uri = resolve_uri(cfg.tracking.uri)
     tracker = Tracker(uri)  # fails here, before any training, if MLflow is unreachable
     storage = storage_uri(cfg.train.storage_path)

@@ -120,3 +120,23 @@ def test_untraceable_model_gives_one_line_error() -> None:
     with pytest.raises(ValueError, match="Torch-Pruning cannot derive its channel groups") as err:
         build_groups(model, 32)
     assert "\n" not in str(err.value)
+
+
+def test_tracing_costs_leaves_bn_statistics_alone() -> None:
+    """Building groups/measuring must not move BN running stats (exports must match reported accuracy)."""
+    model = _model("resnet8").train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    build_groups(model, 32)
+    count_macs_params(model, torch.zeros(1, 3, 32, 32))
+    assert model.training
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+
+
+@pytest.mark.parametrize("keep,round_to,min_channels", [(0.2, 8, 1), (0.6, 16, 1), (0.5, 8, 3)])
+def test_rounding_never_breaks_the_budget(keep: float, round_to: int, min_channels: int) -> None:
+    groups = build_groups(_model("resnet8"), 32)
+    result = Allocator(groups.cost, BudgetConfig(keep_ratio=keep, round_to=round_to, min_channels=min_channels))(
+        [torch.randn(g.width) for g in groups.groups])
+    assert float(result.ratio) <= keep
+    assert all(int(k) % round_to == 0 or int(k) == w for k, w in zip(result.kept, groups.widths))
