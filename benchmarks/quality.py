@@ -2,8 +2,8 @@
 
 Two settings: ``all`` (backbone trained on all classes, pruned and fine-tuned on the same
 data, head already trained) and ``shifted`` (backbone trained on classes 0-4, pruned and
-fine-tuned on classes 5-9 with a new head; baselines get ``head_epochs = search epochs`` of
-head-only training under their masks, the head training PASS's search gives its head).
+fine-tuned on classes 5-9 with a new head). In both, baselines get ``head_epochs = search epochs``
+of head-only training under their masks: the head training PASS's search gives its head.
 Every (setting, row, target, seed) is one ``passray.pipeline.run`` from the same backbone
 checkpoint; rows already in the results file are skipped, so the same command resumes.
 
@@ -113,8 +113,8 @@ def protocol(args: argparse.Namespace) -> dict[str, Any]:
     """Everything that must match for rows to share a table (rows themselves are selected by the CLI)."""
     return {"smoke": args.smoke, "data_file": None if args.smoke else Path(args.data).name, "overrides": _recipe(args),
             "settings": {k: vars(v) for k, v in SETTINGS.items()},
-            "head_epochs": "baselines: search.epochs in settings with a new head (shifted), 0 otherwise (all: the "
-                           "backbone's head is already trained); PASS always trains the head during search",
+            "head_epochs": "baselines: search.epochs of head-only training under their masks in every setting, "
+                           "the head training PASS's search gives its head (v1 gave none in 'all': unfair)",
             "budget_rules": "every method's masks come from passray.budget.Allocator at the same keep_ratio; "
                             "min_channels and round_to as in overrides; BN recalibrated under every mask",
             "decisions": "search on train minus a stratified 10 % val split (data.seed 0, the same for every run); "
@@ -228,7 +228,7 @@ class EpochRecorder:
 
 def row_overrides(args: argparse.Namespace, setting: str, row: str, target: float, seed: int, weights: Path) -> list[str]:
     spec, st = ROWS[row], SETTINGS[setting]
-    head_epochs = args.search_epochs if (st.new_head and not spec.is_pass) else 0
+    head_epochs = 0 if spec.is_pass else args.search_epochs  # the head training PASS's search gives its head
     extra = [] if st.prune_classes is None else [f"data.classes={_q(st.prune_classes)}"]
     return [*base_overrides(args, user=False), *extra, f"method={spec.method}",
             f"budget.allocation={spec.allocation}", f"budget.keep_ratio={target}", f"seed={seed}",

@@ -88,7 +88,8 @@ class LatencyTable:
                         layers, float(data["rest_ms"]), data.get("dense_measured_ms"), dict(data.get("meta", {})))
         except (KeyError, TypeError, ValueError, IndexError, AttributeError) as err:
             raise ValueError(f"{origin}: malformed passray latency table ({type(err).__name__}: {err})") from None
-        names, grid = {c[0] for c in table.columns}, max([len(c) for t in layers.values() for c in (t.in_counts, t.out_counts)] + [2])
+        names = {c[0] for c in table.columns}
+        grid = max([len(c) for t in layers.values() for c in (t.in_counts, t.out_counts)] + [2])
         for name, t in [*table.layers.items(), ("rest_ms", LayerTable("rest", [0], [0], [[table.rest_ms]]))]:
             if ((name not in names and name != "rest_ms") or {len(t.in_counts), len(t.out_counts)} - {1, grid}
                     or len(t.ms) != len(t.in_counts) or any(len(r) != len(t.out_counts) for r in t.ms)
@@ -169,10 +170,8 @@ class LatencyCostModel(CostModel):
         self.rest = rest  # 0-dim
 
     def to(self, device: torch.device | str) -> "LatencyCostModel":
-        base = CostModel.to(self, device)
-        move = lambda t: t.to(device)  # noqa: E731
-        return LatencyCostModel(base, move(self.cols), move(self.in_grid), move(self.out_grid), move(self.ms),
-                                move(self.rest))
+        tables = (self.cols, self.in_grid, self.out_grid, self.ms, self.rest)
+        return LatencyCostModel(CostModel.to(self, device), *(t.to(device) for t in tables))
 
     def cost(self, kept: torch.Tensor, kind: str = "macs") -> torch.Tensor:
         if kind != "latency":
@@ -231,8 +230,8 @@ def _sample(fn: Callable[[], Any], device: torch.device, number: int) -> float:
     """Milliseconds per call over ``number`` back-to-back calls (CUDA events on a GPU)."""
     events = [torch.cuda.Event(enable_timing=True) for _ in range(2)] if device.type == "cuda" else []
     start = time.perf_counter()
-    for event in events[:1]:
-        event.record()
+    if events:
+        events[0].record()
     for _ in range(number):
         fn()
     if events:

@@ -117,7 +117,8 @@ class _Run:
 
     # -------------------------------------------------------------- stages
     def _fit(self, stage: str, module: nn.Module, params: list[nn.Parameter], ocfg: OptimConfig,
-             on_epoch_start: Callable[[int], None] | None = None, evaluate: Callable[[], dict] | None = None) -> None:
+             on_epoch_start: Callable[[int], None] | None = None, evaluate: Callable[[], dict] | None = None,
+             on_step: Callable[[int], None] | None = None) -> None:
         """Epoch loop shared by pretrain, search and fine-tune; resumes mid-stage."""
         if ocfg.epochs == 0 or self._done(stage, ocfg.epochs - 1):
             return
@@ -136,9 +137,16 @@ class _Run:
             if on_epoch_start is not None:
                 on_epoch_start(epoch)
             tic = time.perf_counter()
+            start, first_of_epoch = self.meta["global_step"], epoch * len(loaders.train)
+
+            def step_hook(step: int) -> None:
+                self._on_step(step)
+                if on_step is not None:
+                    on_step(first_of_epoch + step - start)  # step within this stage
+
             train = engine.run_epoch(wrapped, loaders.train, self.device, optimizer=self.optimizer,
                                      scheduler=self.scheduler, amp=self.amp, label_smoothing=ocfg.label_smoothing,
-                                     on_step=self._on_step, step_offset=self.meta["global_step"],
+                                     on_step=step_hook, step_offset=start,
                                      desc=f"{stage} {epoch + 1}/{ocfg.epochs}", progress=self.rt.progress)
             seconds = time.perf_counter() - tic  # run_epoch ends in a host read: the device is done
             self.meta["global_step"] += len(loaders.train)
@@ -181,13 +189,15 @@ class _Run:
         total = max(cfg.search.epochs * len(self.loaders.train), 1)
         t0, t1 = cfg.hypernet.temperature, cfg.hypernet.temperature_final or cfg.hypernet.temperature
 
-        def anneal(epoch: int) -> None:
+        def start_epoch(epoch: int) -> None:
             self.net.attach(self.groups, pruner)
             if cfg.hypernet.batch_norm == "frozen":
                 for m in self.net.backbone.modules():
                     if isinstance(m, nn.modules.batchnorm._BatchNorm):
                         m.eval()
-            pruner.temperature = t0 * (t1 / t0) ** min(epoch * len(self.loaders.train) / total, 1.0)
+
+        def anneal(step: int) -> None:  # geometric, t0 at the first step to t1 at the last
+            pruner.temperature = t0 * (t1 / t0) ** min(step / max(total - 1, 1), 1.0)
 
         def masked_eval() -> dict[str, float]:
             allocation = pruner.hard_masks(self.net.prompt.tensor())
@@ -199,7 +209,8 @@ class _Run:
         self.hypernet.requires_grad_(not self.rt.freeze_hypernet)
         params = [*self.hypernet.parameters(), *self.net.prompt.parameters(), *head.parameters()]
         self.net.attach(self.groups, pruner)  # before _fit wraps the net: DDP must see the hypernet's parameters
-        self._fit("search", self.net, params, cfg.search, on_epoch_start=anneal, evaluate=masked_eval)
+        self._fit("search", self.net, params, cfg.search, on_epoch_start=start_epoch, evaluate=masked_eval,
+                  on_step=anneal)
         # hypernet.keep=best: the masks that validated best (initial ones included); val is for decisions.
         self.masks = [torch.zeros(w, device=self.device).index_fill_(0, torch.as_tensor(k, device=self.device), 1.0)
                       for w, k in zip(self.groups.widths, best["masks"])]

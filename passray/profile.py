@@ -1,21 +1,22 @@
 """``python -m passray.profile``: time a backbone's layers at a grid of widths and cache the latency table.
 
 Every conv/linear layer is rebuilt standalone (same kernel, stride, padding; depthwise
-stays depthwise) at kept (in, out) counts of {1/grid, ..., grid/grid} of each dimension
-that pruning can change, and timed on its traced input shape at the serving batch size
-and dtype; every norm layer is timed with a ReLU after it (the elementwise op that
-follows a norm in almost every CNN). The dense forward is timed too, and the remainder
-becomes the table's constant. Tables are JSON, cached under
-``~/.cache/passray/latency/<hash of device, backbone, input, batch, dtype, layer shapes>.json``.
+stays depthwise) at kept counts {1/grid, ..., grid/grid} of each dimension pruning can
+change, and timed on its traced input shape at the serving batch size and dtype; a norm
+layer is timed with a ReLU after it (the elementwise op that follows a norm in almost
+every CNN). The dense net and a uniformly half-pruned copy are timed too, and fix a
+scale and a constant (``_calibrate``). JSON, cached under ``~/.cache/passray/latency/``.
+On a GPU, prune with ``budget.round_to`` >= 8: the grid's widths are multiples of 8
+there, and misaligned widths can run slower than dense (ResNet-18, H200, bf16).
 """
 
 from __future__ import annotations
 
-import dataclasses
+import functools
 import json
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -32,7 +33,7 @@ from passray.latency import (DTYPES, LatencyTable, LayerTable, attach, cache_pat
                               table_key, time_ms)
 from passray.models import backbone_id, create_backbone
 
-__all__ = ["ROOFLINES", "LayerSpec", "Roofline", "analytic_table", "build_table", "inspect_layers", "load_or_build_table",
+__all__ = ["ROOFLINES", "LayerSpec", "analytic_table", "build_table", "inspect_layers", "load_or_build_table",
            "main", "summary"]
 
 _log = logging.getLogger(__name__)
@@ -40,23 +41,11 @@ _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _NORMS = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)
 _BN = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}  # by input rank
 
-
-@dataclass(frozen=True)
-class Roofline:
-    """Analytic fallback constants: sustained MACs/ms, bytes/ms, and launch overhead per kernel (ms).
-
-    Rough figures (H200-class GPU, a 2-core x86 CPU); only their *ratios* shape the
-    predicted latency ratio, which is all a budget uses.
-    """
-
-    macs_per_ms: float
-    bytes_per_ms: float
-    overhead_ms: float
-
-
-ROOFLINES: dict[tuple[str, str], Roofline] = {
-    ("cuda", "bf16"): Roofline(2.5e11, 3.5e9, 0.006), ("cuda", "fp32"): Roofline(1.0e11, 3.5e9, 0.006),
-    ("cpu", "fp32"): Roofline(1.0e8, 1.0e7, 0.03), ("cpu", "bf16"): Roofline(5.0e7, 1.0e7, 0.03)}
+# Analytic fallback: (sustained MACs/ms, bytes/ms, launch overhead per kernel in ms). Rough figures for an
+# H200-class GPU and a 2-core x86 CPU; only their ratios shape a predicted latency *ratio*.
+ROOFLINES: dict[tuple[str, str], tuple[float, float, float]] = {
+    ("cuda", "bf16"): (2.5e11, 3.5e9, 0.006), ("cuda", "fp32"): (1.0e11, 3.5e9, 0.006),
+    ("cpu", "fp32"): (1.0e8, 1.0e7, 0.03), ("cpu", "bf16"): (5.0e7, 1.0e7, 0.03)}
 
 
 @dataclass(frozen=True)
@@ -75,11 +64,13 @@ class LayerSpec:
 
 
 def _kind(module: nn.Module) -> str | None:
-    if isinstance(module, nn.Linear):
-        return "linear"
     if isinstance(module, _CONVS):
         return "depthwise" if module.groups == module.in_channels == module.out_channels > 1 else "conv"
-    return "norm" if isinstance(module, _NORMS) else None
+    return "linear" if isinstance(module, nn.Linear) else "norm" if isinstance(module, _NORMS) else None
+
+
+def _record_input(inputs: dict[str, tuple[int, ...]], name: str, module: nn.Module, args: tuple, out: Any) -> None:
+    inputs.setdefault(name, tuple(args[0].shape[1:]))
 
 
 @torch.no_grad()
@@ -90,12 +81,8 @@ def inspect_layers(groups: ChannelGroups) -> tuple[list[list[Any]], list[LayerSp
     """
     model, cost = groups.model, groups.cost
     inputs: dict[str, tuple[int, ...]] = {}
-    def record(name: str):
-        def hook(module: nn.Module, args: tuple, out: torch.Tensor) -> None:
-            inputs.setdefault(name, tuple(args[0].shape[1:]))
-        return hook
-
-    handles = [m.register_forward_hook(record(n)) for n, m in model.named_modules() if _kind(m)]
+    handles = [m.register_forward_hook(functools.partial(_record_input, inputs, n))
+               for n, m in model.named_modules() if _kind(m)]
     was_training = model.training
     try:
         model.eval()
@@ -181,17 +168,14 @@ def _calibrate(table: LatencyTable, groups: ChannelGroups, forward: Callable[[nn
     channels: with a constant remainder only, ResNet-8 on a CPU predicted 1.43x where 2.2x
     was measured. Two measured points fix both terms; the scale is baked into the tables.
     """
-    clone = prepared_copy(groups.model, next(groups.model.parameters()).device, "fp32")
-    try:
-        pruned = build_groups(clone, groups.input_shape[-1])
-    except ValueError:
-        pruned = None
-    if pruned is None or pruned.names != groups.names or pruned.widths != groups.widths:
+    pruned = build_groups(prepared_copy(groups.model, next(groups.model.parameters()).device, "fp32"),
+                          groups.input_shape[-1])
+    if pruned.names != groups.names or pruned.widths != groups.widths:  # groups built with other ignored layers
         _log.warning("latency calibration skipped: the groups of a copy differ from the given groups")
         return
     half = [max(1, round(w / 2)) for w in groups.widths]
     pruned.prune([torch.arange(w) < k for w, k in zip(groups.widths, half)])
-    bare = attach(groups.cost, dataclasses.replace(table, rest_ms=0.0))
+    bare = attach(groups.cost, replace(table, rest_ms=0.0))
     s_dense, s_half = bare.cost(torch.stack([groups.cost.widths, torch.tensor(half, dtype=torch.float64)]),
                                 "latency").tolist()
     m_dense, m_half = table.dense_measured_ms, forward(pruned.model)
@@ -205,12 +189,12 @@ def _calibrate(table: LatencyTable, groups: ChannelGroups, forward: Callable[[nn
                                  "half_predicted_ms": scale * s_half + table.rest_ms}
 
 
-def _analytic_ms(spec: LayerSpec, cin: int, cout: int, batch: int, elem: int, roof: Roofline) -> float:
+def _analytic_ms(spec: LayerSpec, cin: int, cout: int, batch: int, elem: int, roof: tuple[float, float, float]) -> float:
     """Roofline sum for one layer: MACs/peak + bytes/bandwidth + launch overhead (bilinear in cin, cout)."""
-    in_positions = math.prod(spec.input_shape) / spec.in_size
+    (macs_per_ms, bytes_per_ms, overhead_ms), in_positions = roof, math.prod(spec.input_shape) / spec.in_size
     acts_out = batch * spec.out_positions * cout
     if spec.kind == "norm":  # norm + activation: each reads and writes the activation once
-        return 4 * acts_out * elem / roof.bytes_per_ms + 2 * roof.overhead_ms
+        return 4 * acts_out * elem / bytes_per_ms + 2 * overhead_ms
     m = spec.module
     kernel = 1 if spec.kind == "linear" else math.prod(m.kernel_size)
     if spec.kind == "depthwise":
@@ -218,12 +202,12 @@ def _analytic_ms(spec: LayerSpec, cin: int, cout: int, batch: int, elem: int, ro
     else:
         weights, acts_in = cout * cin * kernel / (1 if spec.kind == "linear" else m.groups), batch * in_positions * cin
     macs = batch * spec.out_positions * weights
-    return macs / roof.macs_per_ms + (acts_in + acts_out + weights) * elem / roof.bytes_per_ms + roof.overhead_ms
+    return macs / macs_per_ms + (acts_in + acts_out + weights) * elem / bytes_per_ms + overhead_ms
 
 
 def analytic_table(groups: ChannelGroups, backbone: str, batch_size: int = 256, dtype: str = "fp32",
                    device: torch.device | str = "cpu", channels_last: bool = False,
-                   roofline: Roofline | None = None) -> LatencyTable:
+                   roofline: tuple[float, float, float] | None = None) -> LatencyTable:
     """The no-measurement fallback: roofline times on a 2-point grid (exact, the model being bilinear)."""
     device = torch.device(device)
     roof = roofline or ROOFLINES[("cuda" if device.type == "cuda" else "cpu", dtype)]
@@ -237,35 +221,22 @@ def analytic_table(groups: ChannelGroups, backbone: str, batch_size: int = 256, 
     tabled = {s.name for s in specs}
     untabled = sum(1 for n, m in groups.model.named_modules() if not list(m.children()) and n not in tabled)
     key = table_key(columns, backbone, groups.input_shape, batch_size, dtype, device, channels_last)
-    return LatencyTable(key, "analytic", columns, layers, untabled * roof.overhead_ms, None, {"roofline": vars(roof)})
-
-
-def _share(text: str | None) -> str:
-    """Rank 0's table for every rank: ranks that time on their own would allocate different masks."""
-    dist = torch.distributed
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        box = [text]
-        dist.broadcast_object_list(box, src=0)
-        return box[0] or ""
-    return text or ""
+    return LatencyTable(key, "analytic", columns, layers, untabled * roof[2], None, {"roofline": list(roof)})
 
 
 def load_or_build_table(groups: ChannelGroups, backbone: str, batch_size: int = 256, dtype: str = "fp32",
                         device: torch.device | str = "cpu", channels_last: bool = False, source: str = "auto",
                         cache_dir: str | Path | None = None, grid: int = 8, repeats: int = 5) -> LatencyTable:
-    """The latency table a run should use.
-
-    ``source``: "auto" -- the cached table for this key, else the analytic fallback (a run
-    never times layers by surprise: trials sharing a GPU would time each other);
-    "measure" -- the cached table, else time now and cache it; "analytic"; or a path to a
-    table from ``passray.profile`` (any device's: profile the target, prune elsewhere).
-    """
+    """The table a run should use. ``source``: "measure" -- the cached table for this key, else time now and
+    cache; "auto" -- cached, else the analytic fallback (never times by surprise: trials sharing a GPU would
+    time each other); "analytic"; or a path from ``passray.profile`` (any device's: profile the target)."""
     if source not in ("auto", "measure", "analytic"):
         return LatencyTable.load(source)
     columns, _ = inspect_layers(groups)
     key = table_key(columns, backbone, groups.input_shape, batch_size, dtype, device, channels_last)
-    text = None
-    if source != "analytic" and (not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0):
+    dist, text = torch.distributed, None
+    shared = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    if source != "analytic" and (not shared or dist.get_rank() == 0):
         path = cache_path(key, cache_dir)
         table = LatencyTable.load(path) if path.is_file() else None
         if table is not None and table.key != key:
@@ -274,7 +245,10 @@ def load_or_build_table(groups: ChannelGroups, backbone: str, batch_size: int = 
             table = build_table(groups, backbone, batch_size, dtype, device, grid, repeats, channels_last)
             table.save(path)
         text = json.dumps(table.to_dict()) if table is not None else None
-    text = _share(text)
+    if shared:  # rank 0's table everywhere: ranks timing on their own would allocate different masks
+        box = [text]
+        dist.broadcast_object_list(box, src=0)
+        text = box[0]
     if text:
         return LatencyTable.from_dict(json.loads(text))
     if source == "auto":
@@ -304,20 +278,15 @@ def main(argv: list[str] | None = None) -> LatencyTable:
     parser.add_argument("--grid", type=int, default=8, help="widths per dimension: k/grid for k = 1..grid")
     parser.add_argument("--repeats", type=int, default=5, help="timing samples per point (the median is kept)")
     parser.add_argument("--channels-last", action="store_true", help="channels_last memory format (CUDA convs)")
-    parser.add_argument("--image-size", type=int, help="input side (default: data.image_size, else the dataset's)")
-    parser.add_argument("--num-classes", type=int, help="head size (default: the dataset's)")
     parser.add_argument("--out", help="output JSON (default: the cache path the pipeline looks up)")
     args = parser.parse_args(argv)
     cfg = load_from_args(args)
     device = resolve_device(args.device or cfg.device)
-    size, classes = args.image_size or cfg.data.image_size, args.num_classes
-    if size is None or classes is None:
-        ds = load_dataset(cfg.data)
-        size, classes = size or ds.image_size, classes or ds.num_classes
-    backbone = create_backbone(cfg.model.model_copy(update={"weights": None}), classes).to(device)
+    ds = load_dataset(cfg.data)  # input size and head size, as the pipeline sees them
+    backbone = create_backbone(cfg.model.model_copy(update={"weights": None}), ds.num_classes).to(device)
     dtype = args.dtype or ("bf16" if cfg.amp and device.type == "cuda" else "fp32")
     batch = args.batch_size or getattr(cfg.budget, "latency_batch_size", 256)
-    table = build_table(build_groups(backbone, size), backbone_id(cfg.model), batch, dtype, device, args.grid,
+    table = build_table(build_groups(backbone, ds.image_size), backbone_id(cfg.model), batch, dtype, device, args.grid,
                         args.repeats, args.channels_last)
     path = table.save(args.out or cache_path(table.key))
     print(summary(table))
