@@ -19,6 +19,11 @@ __all__ = ["CostModel", "LayerShape", "trace_layer_shapes"]
 _LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
 
+def is_depthwise(module: nn.Module) -> bool:
+    """One filter per channel: in = out = groups, so in- and out-channels are one dimension."""
+    return isinstance(module, _LAYERS[:3]) and module.groups == module.in_channels == module.out_channels > 1
+
+
 @dataclass(frozen=True)
 class LayerShape:
     spatial: int  # output positions per sample (H*W for a conv, tokens for a linear)
@@ -95,7 +100,7 @@ class CostModel:
     @staticmethod
     def _add_terms(module: nn.Module, name: str, i: int, shapes: dict[str, LayerShape],
                    terms: dict[str, torch.Tensor], controlled_out: set[str]) -> None:
-        depthwise = isinstance(module, _LAYERS[:3]) and module.groups == module.in_channels == module.out_channels > 1
+        depthwise = is_depthwise(module)
         if isinstance(module, _LAYERS) and name in shapes:  # layers that never run (aux heads) cost no MACs
             groups = 1 if isinstance(module, nn.Linear) else module.groups
             kernel = module.weight[0, 0].numel()

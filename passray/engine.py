@@ -132,3 +132,8 @@ def recalibrate_bn(model: nn.Module, loader: Iterable, device: torch.device, bat
         for m, momentum, training in saved:
             m.momentum = momentum
             m.train(training)
+    if dist.is_available() and dist.is_initialized():  # every rank saw its own shard: use the average
+        for m in norms:
+            for buffer in (m.running_mean, m.running_var):
+                dist.all_reduce(buffer)
+                buffer /= dist.get_world_size()

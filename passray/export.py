@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 
 from passray.config import ModelConfig
 from passray.groups import ChannelGroups, count_macs_params
+from passray.hypernet import PassHypernet, save_hypernet
 from passray.models import backbone_id, classifier, create_backbone
 from passray.network import PrunableNet
 from passray.prompts import VisualPrompt
@@ -96,12 +97,15 @@ def structure_record(groups: ChannelGroups, masks: Sequence[torch.Tensor], model
     }
 
 
-def save_pruned(directory: str | Path, net: PrunableNet, structure: dict[str, Any]) -> Path:
-    """Write ``structure.json`` + ``weights.safetensors`` for a physically pruned ``net``."""
+def save_pruned(directory: str | Path, net: PrunableNet, structure: dict[str, Any],
+                hypernet: PassHypernet | None = None, hypernet_extra: dict[str, Any] | None = None) -> Path:
+    """Write ``structure.json`` + ``weights.safetensors`` (+ ``hypernet/``) for a pruned ``net``, all or nothing."""
     state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
     with atomic_directory(directory) as tmp:
         save_file(state, str(tmp / "weights.safetensors"))
         (tmp / "structure.json").write_text(json.dumps(structure, indent=1))
+        if hypernet is not None:
+            save_hypernet(hypernet, tmp / "hypernet", hypernet_extra)
     return Path(directory)
 
 

@@ -19,12 +19,11 @@ import torch
 import torch.nn as nn
 import torch_pruning as tp
 
-from passray._cost import CostModel, LayerShape, trace_layer_shapes
+from passray._cost import _LAYERS, CostModel, LayerShape, is_depthwise, trace_layer_shapes
 
 __all__ = ["ChannelGroup", "ChannelGroups", "count_macs_params"]
 
 _NORMS = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm, nn.modules.instancenorm._InstanceNorm)
-_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
 
 @dataclass
@@ -45,10 +44,6 @@ class ChannelGroup:
     tp_group: object = field(default=None, repr=False)  # Torch-Pruning's Group (live model only)
 
 
-def _is_depthwise(module: nn.Module) -> bool:
-    return isinstance(module, nn.Conv2d) and module.groups == module.in_channels == module.out_channels > 1
-
-
 def _unsupported(group: "ChannelGroup", model: nn.Module) -> str | None:
     """Why masking this group would not equal pruning it (then it is left whole), or None.
 
@@ -58,7 +53,7 @@ def _unsupported(group: "ChannelGroup", model: nn.Module) -> str | None:
     """
     for it in group.items:
         module = model.get_submodule(it.module)
-        if isinstance(module, nn.Conv2d) and module.groups > 1 and not _is_depthwise(module):
+        if isinstance(module, nn.Conv2d) and module.groups > 1 and not is_depthwise(module):
             return f"grouped convolution {it.module} (groups={module.groups})"
         if isinstance(module, (nn.LayerNorm, nn.GroupNorm)):
             return f"{type(module).__name__} {it.module} normalises over channels"
@@ -125,7 +120,7 @@ class ChannelGroups:
             if module not in names or not isinstance(module, nn.Module):
                 continue  # functional ops (add, cat, ...) carry no parameters
             is_out = dg.is_out_channel_pruning_fn(item.dep.handler)
-            dim = "out" if is_out or _is_depthwise(module) or isinstance(module, _NORMS) else "in"
+            dim = "out" if is_out or is_depthwise(module) or isinstance(module, _NORMS) else "in"
             group.items.append(GroupItem(names[module], dim, torch.as_tensor(item.idxs, dtype=torch.long),
                                          torch.as_tensor(item.root_idxs, dtype=torch.long)))
         return group
@@ -150,9 +145,6 @@ class ChannelGroups:
         return [(self.module(it.module), it.idxs, it.root_idxs) for it in group.items if it.dim == "out"]
 
     # ------------------------------------------------------------------ masks
-    def full_masks(self, device: torch.device | str = "cpu") -> list[torch.Tensor]:
-        return [torch.ones(g.width, device=device) for g in self.groups]
-
     def set_masks(self, masks: Sequence[torch.Tensor] | None) -> None:
         """Gate the live model with one mask per group (None removes the effect)."""
         if masks is not None:

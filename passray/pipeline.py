@@ -29,7 +29,7 @@ from passray.config import Config, OptimConfig
 from passray.data import load_dataset, make_loaders
 from passray.export import (build_groups, check_equivalence, exact_fp32, masks_from_structure, measure, save_pruned,
                             structure_record)
-from passray.hypernet import PassHypernet, create_pass_pruner, save_hypernet
+from passray.hypernet import PassHypernet, create_pass_pruner
 from passray.importance import compute_scores
 from passray.models import backbone_id, classifier, create_backbone
 from passray.network import PrunableNet
@@ -352,11 +352,8 @@ class _Run:
 
     def export(self, directory: str | Path) -> None:
         """structure.json + weights.safetensors (+ hypernet/) of the final pruned network."""
-        directory = Path(directory)
-        save_pruned(directory, self.net, self.structure)
-        if self.hypernet is not None:
-            save_hypernet(self.hypernet, directory / "hypernet",
-                          {"backbone_id": backbone_id(self.cfg.model), "prompt": self.cfg.prompt.model_dump()})
+        save_pruned(directory, self.net, self.structure, self.hypernet,
+                    {"backbone_id": backbone_id(self.cfg.model), "prompt": self.cfg.prompt.model_dump()})
 
 
 def pretrain(cfg: Config, path: str | Path, runtime: Runtime | None = None) -> dict[str, Any]:
@@ -372,7 +369,9 @@ def pretrain(cfg: Config, path: str | Path, runtime: Runtime | None = None) -> d
     if job.rt.rank == 0:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.detach().cpu().contiguous() for k, v in job.net.backbone.state_dict().items()}, str(path))
+        partial = path.with_name(f".{path.name}.partial")  # a crash never leaves a file that looks finished
+        save_file({k: v.detach().cpu().contiguous() for k, v in job.net.backbone.state_dict().items()}, str(partial))
+        partial.replace(path)
     return {"val_accuracy": val, "test_accuracy": test, "path": str(path), "wall_seconds": time.time() - job.started}
 
 

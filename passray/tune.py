@@ -124,7 +124,7 @@ def run_trial(config: dict[str, Any]) -> None:
     cfg = trial_config(config["base"], config["values"])
     context = tune.get_context()
     tracker = Tracker(config["tracking_uri"], check=False)
-    child = config.get("child_run_id") or tracker.start_child(
+    child = tracker.start_child(
         config["parent_run_id"], context.get_trial_name(), params={**cfg.flat(), **config["values"]})
     try:
         if cfg.train.num_workers == 0:
