@@ -63,11 +63,13 @@ class ModelConfig(_Section):
 
 
 class BudgetConfig(_Section):
-    kind: Literal["macs", "params"] = Field("macs", description="what the budget counts")
-    keep_ratio: float = Field(0.5, gt=0, lt=1, description="fraction of the dense network's MACs/params to keep")
+    kind: Literal["macs", "params", "latency"] = Field("macs", description="what the budget counts; latency: predicted serving time from a per-layer table (python -m passray.profile)")
+    keep_ratio: float = Field(0.5, gt=0, lt=1, description="fraction of the dense network's MACs/params/latency to keep")
     allocation: Literal["global", "uniform"] = Field("global", description="one threshold over all groups, or the same keep fraction per group")
     min_channels: int = Field(1, ge=1, description="every group keeps at least this many channels")
     round_to: int = Field(1, ge=1, description="kept widths are rounded up to a multiple of this (8 suits tensor cores)")
+    latency_batch_size: int = Field(256, gt=0, description="latency budgets: the serving batch the table is timed at (small batches are launch-bound)")
+    latency_table: str = Field("measure", description="latency budgets: 'measure' (cached table for device/backbone/batch/dtype, else time now and cache), 'auto' (cached, else analytic), 'analytic' (roofline guess, poor on GPUs), or a JSON path from passray.profile")
 
 
 class PromptConfig(_Section):

@@ -23,6 +23,7 @@ import torch.nn as nn
 from safetensors.torch import save_file
 
 from passray import engine
+from passray._cost import CostModel
 from passray._state_io import save_state
 from passray.budget import Allocator
 from passray.config import Config, OptimConfig
@@ -31,8 +32,10 @@ from passray.export import (build_groups, check_equivalence, exact_fp32, masks_f
                             structure_record)
 from passray.hypernet import PassHypernet, create_pass_pruner
 from passray.importance import compute_scores
+from passray.latency import LatencyCostModel, attach, measure_speedup
 from passray.models import backbone_id, classifier, create_backbone
 from passray.network import PrunableNet
+from passray.profile import load_or_build_table
 from passray.prompts import create_prompt
 
 __all__ = ["NullReporter", "Reporter", "Runtime", "pretrain", "run"]
@@ -204,7 +207,10 @@ class _Run:
             out = self._masked_val(allocation.masks)
             if out["accuracy"] > best["accuracy"] or cfg.hypernet.keep == "last":
                 best.update(accuracy=out["accuracy"], masks=self._kept(allocation.masks), trained=self._snapshot(head))
-            return {**out, "macs_ratio": float(allocation.ratio)}
+            if cfg.budget.kind == "macs":
+                return {**out, "macs_ratio": float(allocation.ratio)}
+            return {**out, f"{cfg.budget.kind}_ratio": float(allocation.ratio),
+                    "macs_ratio": self.groups.cost_ratio(allocation.masks, "macs")}
 
         self.hypernet.requires_grad_(not self.rt.freeze_hypernet)
         params = [*self.hypernet.parameters(), *self.net.prompt.parameters(), *head.parameters()]
@@ -268,9 +274,35 @@ class _Run:
         dense = self.groups.cost
         results["macs_ratio"] = float(dense.cost(self.groups.kept_counts(self.masks).cpu()[None], "macs")[0] / dense.dense("macs"))
         results["params_ratio"] = float(dense.cost(self.groups.kept_counts(self.masks).cpu()[None], "params")[0] / dense.dense("params"))
+        cost = self.allocator.cost
+        if isinstance(cost, LatencyCostModel):
+            kept = self.groups.kept_counts(self.masks).to(cost.widths.device)[None]
+            results["latency_ratio_predicted"] = float(cost.cost(kept, "latency")[0]) / cost.dense("latency")
+            results["speedup_predicted"] = 1 / results["latency_ratio_predicted"]
         self.groups.prune(self.masks)
         with torch.no_grad(), exact_fp32():
             results["equivalence_max_abs_diff"] = check_equivalence(masked, self.net(probe))
+        if isinstance(cost, LatencyCostModel):  # same shapes, fresh weights: latency does not depend on them
+            batch, dtype, channels_last = self._serving()
+            dense_net = create_backbone(self.cfg.model.model_copy(update={"weights": None}), self.ds.num_classes)
+            speed = measure_speedup(dense_net, self.net.backbone, self.groups.input_shape, batch, dtype, self.device,
+                                    channels_last=channels_last)
+            results.update(speedup_measured=speed["speedup"], latency_dense_ms=speed["dense_ms"],
+                           latency_pruned_ms=speed["pruned_ms"])
+
+    def _serving(self) -> tuple[int, str, bool]:
+        """Batch, dtype and memory format the latency budget is about: the run's own on its device."""
+        cuda = self.device.type == "cuda"
+        return self.cfg.budget.latency_batch_size, "bf16" if self.amp else "fp32", self.cfg.channels_last and cuda
+
+    def _cost_model(self) -> CostModel:
+        """MACs/params cost model, plus a latency table (measured once per device and cached) for latency budgets."""
+        if self.cfg.budget.kind != "latency":
+            return self.groups.cost
+        batch, dtype, channels_last = self._serving()
+        table = load_or_build_table(self.groups, backbone_id(self.cfg.model), batch, dtype, self.device, channels_last,
+                                    self.cfg.budget.latency_table)
+        return attach(self.groups.cost, table)
 
     # -------------------------------------------------------------- main
     def setup(self) -> None:
@@ -298,7 +330,7 @@ class _Run:
         for name, why in self.groups.left_whole.items():
             _log.info("group %s is left whole: %s", name, why)
         self.dense_macs = self.groups.cost.dense("macs")
-        self.allocator = Allocator(self.groups.cost, cfg.budget, self.device)
+        self.allocator = Allocator(self._cost_model(), cfg.budget, self.device)
         if self.restored is not None and "masks" in self.restored:
             self.masks = [m.to(self.device) for m in self.restored["masks"]]
         elif self.rt.structure is not None:

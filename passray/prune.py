@@ -15,8 +15,8 @@ from passray.pipeline import Runtime, run
 
 __all__ = ["TABLE_COLUMNS", "main"]
 
-TABLE_COLUMNS = ["method", "keep_ratio", "macs_ratio", "params_ratio", "dense_val_accuracy",
-                 "initial_masked_val_accuracy", "search_val_accuracy", "val_accuracy_before_finetune",
+TABLE_COLUMNS = ["method", "keep_ratio", "macs_ratio", "params_ratio", "speedup_predicted", "speedup_measured",
+                 "dense_val_accuracy", "initial_masked_val_accuracy", "search_val_accuracy", "val_accuracy_before_finetune",
                  "test_accuracy_before_finetune", "val_accuracy", "test_accuracy", "wall_seconds"]
 
 

@@ -128,6 +128,7 @@ def _best_reachable(allocator: Allocator, scores: list[torch.Tensor]) -> float:
     """The largest latency ratio within budget among the allocator's own candidates."""
     uniform = allocator.budget.allocation == "uniform"
     candidates = allocator._uniform_candidates() if uniform else allocator._global_candidates(allocator._pad(scores))
+    candidates = torch.cat([candidates, allocator.floor[None]])  # the all-minimum network is always a candidate
     costs = allocator.cost.cost(candidates, "latency")
     return float(costs[costs <= allocator.target * (1 + 1e-9)].max() / allocator.dense)
 
@@ -204,9 +205,8 @@ def test_measure_speedup_reports_both_and_leaves_nets_alone() -> None:
 
 def test_profile_cli_saves_and_prints(tmp_path: Path, capsys) -> None:
     out = tmp_path / "table.json"
-    table = profile.main(["--set", "model.arch=convnet", "--set", "model.width=0.25", "--set", "data.image_size=32",
-                          "--num-classes", "10", "--batch-size", "2", "--grid", "2", "--repeats", "2",
-                          "--device", "cpu", "--out", str(out)])
+    table = profile.main(["--set", "model.arch=convnet", "--set", "model.width=0.25", "--batch-size", "2",
+                          "--grid", "2", "--repeats", "2", "--device", "cpu", "--out", str(out)])
     printed = capsys.readouterr().out
     assert "dense predicted" in printed and "features.0.0" in printed and "share" in printed
     assert latency.LatencyTable.load(out).to_dict() == table.to_dict()
