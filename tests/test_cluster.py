@@ -349,8 +349,12 @@ def test_local_sh_up_status_job_down(local_cluster: dict[str, str], tmp_path: Pa
         assert resp.status == 200
 
     client_env = {**env, **exports}
-    status = subprocess.run(["ray", "status"], env=client_env, capture_output=True, text=True, timeout=60)
-    assert status.returncode == 0, status.stderr[-2000:]
+    for _ in range(15):  # `ray status` (the autoscaler's view) lags the dashboard's node list local.sh waits on
+        status = subprocess.run(["ray", "status"], env=client_env, capture_output=True, text=True, timeout=60)
+        assert status.returncode == 0, status.stderr[-2000:]
+        if len(re.findall(r"^\s*1 node_[0-9a-f]+", status.stdout, flags=re.MULTILINE)) == 2:
+            break
+        time.sleep(2)
     assert len(re.findall(r"^\s*1 node_[0-9a-f]+", status.stdout, flags=re.MULTILINE)) == 2
     assert "node2" in status.stdout  # the custom resource of the second node
 
