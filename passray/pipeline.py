@@ -271,9 +271,8 @@ class _Run:
         self.net.eval()
         with torch.no_grad(), exact_fp32():
             masked = self.net(probe)
-        dense = self.groups.cost
-        results["macs_ratio"] = float(dense.cost(self.groups.kept_counts(self.masks).cpu()[None], "macs")[0] / dense.dense("macs"))
-        results["params_ratio"] = float(dense.cost(self.groups.kept_counts(self.masks).cpu()[None], "params")[0] / dense.dense("params"))
+        results["macs_ratio"] = self.groups.cost_ratio(self.masks, "macs")
+        results["params_ratio"] = self.groups.cost_ratio(self.masks, "params")
         cost = self.allocator.cost
         if isinstance(cost, LatencyCostModel):
             kept = self.groups.kept_counts(self.masks).to(cost.widths.device)[None]

@@ -12,6 +12,7 @@ Incompatible sources fail with one line before anything is trained.
 
 from __future__ import annotations
 
+import copy
 import json
 import tempfile
 import time
@@ -96,10 +97,9 @@ def transfer(cfg: Config, source_uri: str, modes: list[str], structure_uri: str 
         mode_cfg, runtime = cfg, Runtime(progress=False)
         if mode == "zero-shot":
             mode_cfg = validate(apply_overrides(cfg.to_dict(), [f"search.epochs={prompt_epochs}"]))
-            runtime = Runtime(progress=False, hypernet=load_registered_hypernet(source["uri"], tracking_uri=uri)[0],
-                              freeze_hypernet=True)
+            runtime = Runtime(progress=False, hypernet=copy.deepcopy(hypernet), freeze_hypernet=True)
         elif mode == "warm-start":
-            runtime = Runtime(progress=False, hypernet=load_registered_hypernet(source["uri"], tracking_uri=uri)[0])
+            runtime = Runtime(progress=False, hypernet=copy.deepcopy(hypernet))  # each mode starts from the source
         elif mode == "mask":
             runtime = Runtime(progress=False, structure=structure)
         child = tracker.start_child(parent, mode, params=mode_cfg.flat(), tags={**lineage, "passray.transfer_mode": mode})
