@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import fcntl
 import hashlib
 import importlib.util
 import json
@@ -163,7 +164,9 @@ class ResultsFile:
     """One JSON file of rows that a re-run extends instead of repeating.
 
     ``key_fields`` name the fields that identify a row; ``protocol`` is everything that
-    must be equal for two rows to be comparable (epochs, recipe, backbone, data).
+    must be equal for two rows to be comparable (epochs, recipe, backbone, data). Several
+    processes may share one file (e.g. one per setting on a GPU that one alone leaves
+    idle): every save merges with what is on disk under a lock, so no writer loses rows.
     """
 
     def __init__(self, path: str | Path, benchmark: str, key_fields: Sequence[str],
@@ -215,7 +218,26 @@ class ResultsFile:
         self.save()
 
     def save(self) -> None:
-        write_atomic(self.path, json.dumps(self.data, indent=1, sort_keys=False) + "\n")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path.with_name(f".{self.path.name}.lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if self.path.is_file():
+                self.data = self._merge(json.loads(self.path.read_text()), self.data)
+            write_atomic(self.path, json.dumps(self.data, indent=1, sort_keys=False) + "\n")
+
+    _APPENDED = ("rows", "invocations", "failures")  # every writer's entries are kept
+
+    def _merge(self, disk: dict[str, Any], mine: dict[str, Any]) -> dict[str, Any]:
+        merged = {**disk, **mine}
+        for name in self._APPENDED:
+            old, new = disk.get(name, []), mine.get(name, [])
+            ident = self.key if name == "rows" else (lambda x: json.dumps(x, sort_keys=True))
+            seen = {ident(x) for x in old}
+            merged[name] = old + [x for x in new if ident(x) not in seen]
+        for name, value in mine.items():  # e.g. quality's per-setting backbones
+            if isinstance(value, dict) and isinstance(disk.get(name), dict):
+                merged[name] = {**disk[name], **value}
+        return merged
 
 
 class TimeBudget:

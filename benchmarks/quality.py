@@ -74,9 +74,9 @@ SETTINGS: dict[str, Setting] = {
 }
 
 SMOKE = dict(methods=["pass", "uniform_l1"], targets=[0.5], seeds=[0], setting=["all", "shifted"],
-             pretrain_epochs=1, search_epochs=1, finetune_epochs=1, batch_size=64)
+             pretrain_epochs=1, pretrain_lr=0.1, search_epochs=1, finetune_epochs=1, batch_size=64)
 FULL = dict(methods=list(ROWS), targets=[0.5, 0.25], seeds=[0, 1, 2], setting=["all", "shifted"],
-            pretrain_epochs=30, search_epochs=8, finetune_epochs=5, batch_size=512)
+            pretrain_epochs=40, pretrain_lr=0.4, search_epochs=8, finetune_epochs=5, batch_size=512)
 PLOT_RESERVE_S = 15.0  # summary + plot at the end of a budgeted command
 
 
@@ -98,7 +98,7 @@ def base_overrides(args: argparse.Namespace, user: bool = True) -> list[str]:
                   f"model.arch={args.arch}", "model.cifar_stem=true", "budget.min_channels=8", "budget.round_to=8",
                   "bn_recalibration_batches=40"]
     return [*common, f"data.batch_size={args.batch_size}", "data.val_fraction=0.1", "data.seed=0", "budget.kind=macs",
-            f"pretrain.epochs={args.pretrain_epochs}", "pretrain.lr=0.1", "pretrain.label_smoothing=0.1",
+            f"pretrain.epochs={args.pretrain_epochs}", f"pretrain.lr={args.pretrain_lr}", "pretrain.label_smoothing=0.1",
             f"search.epochs={args.search_epochs}", "search.lr=0.003", "search.optimizer=adamw", "search.weight_decay=0.0",
             f"finetune.epochs={args.finetune_epochs}", "finetune.lr=0.02", "finetune.optimizer=sgd",
             "finetune.weight_decay=0.0005", *(args.set if user else [])]
@@ -266,6 +266,8 @@ def run_row(args: argparse.Namespace, setting: str, row: str, target: float, see
         "val_after_ft_final": out["val_accuracy"], "finetune_epochs": cfg.finetune.epochs,
         "test_after_ft_per_epoch": test_ft, "val_after_ft_per_epoch": [e.get("val_accuracy") for e in tune],
         "dense_val_accuracy": out.get("dense_val_accuracy"),
+        **{k: out.get(k) for k in ("speedup_predicted", "speedup_measured", "latency_ratio_predicted",
+                                   "latency_dense_ms", "latency_pruned_ms")},
         "initial_masked_val_accuracy": out.get("initial_masked_val_accuracy"),
         "search_best_val_accuracy": out.get("search_best_val_accuracy"),
         "search_val_per_epoch": [e.get("val_accuracy") for e in search],
@@ -405,7 +407,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help=f"table rows (default: all): {' '.join(ROWS)}")
     p.add_argument("--seeds", nargs="+", type=int, help="seeds (default 0 1 2)")
     p.add_argument("--arch", default="resnet18", help="backbone (default resnet18 with CIFAR stem)")
-    p.add_argument("--pretrain-epochs", type=int, help="dense backbone epochs (default 30)")
+    p.add_argument("--pretrain-epochs", type=int, help="dense backbone epochs (default 40)")
+    p.add_argument("--pretrain-lr", type=float, help="dense backbone peak SGD learning rate at batch 512 (default 0.4)")
+    p.add_argument("--pretrain-only", action="store_true", help="train (or find) the settings' backbones, run no row")
     p.add_argument("--search-epochs", type=int, help="PASS search epochs = baseline head epochs in 'shifted' (default 8)")
     p.add_argument("--finetune-epochs", type=int, help="fine-tune epochs, the same for every row (default 5)")
     p.add_argument("--batch-size", type=int, help="training batch (default 512)")
@@ -488,7 +492,10 @@ def main(argv: list[str] | None = None) -> int:
     cached_datasets.install()
     # Seeds outermost: every finished command leaves whole seeds of the table, not whole settings.
     plan = [(s, r, t, seed) for seed in args.seeds for s in args.setting for t in args.targets for r in args.methods]
-    todo = [k for k in plan if not results.has(k)]
+    todo = [] if args.pretrain_only else [k for k in plan if not results.has(k)]
+    if args.pretrain_only:
+        for setting in args.setting:
+            ensure_backbone(args, setting, results)
     print(f"[quality] {len(plan) - len(todo)} of {len(plan)} rows already in {args.results}; {len(todo)} to run", flush=True)
     failures = run_plan(args, todo, results, budget)
     finish(results)

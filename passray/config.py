@@ -69,6 +69,7 @@ class BudgetConfig(_Section):
     min_channels: int = Field(1, ge=1, description="every group keeps at least this many channels")
     round_to: int = Field(1, ge=1, description="kept widths are rounded up to a multiple of this (8 suits tensor cores)")
     latency_batch_size: int = Field(256, gt=0, description="latency budgets: the serving batch the table is timed at (small batches are launch-bound)")
+    measure_speedup: bool = Field(False, description="after export, time dense vs pruned at the serving batch/dtype and report predicted (latency table) and measured speed-up; always on for latency budgets")
     latency_table: str = Field("measure", description="latency budgets: 'measure' (cached table for device/backbone/batch/dtype, else time now and cache), 'auto' (cached, else analytic), 'analytic' (roofline guess, poor on GPUs), or a JSON path from passray.profile")
 
 

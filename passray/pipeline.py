@@ -273,21 +273,22 @@ class _Run:
             masked = self.net(probe)
         results["macs_ratio"] = self.groups.cost_ratio(self.masks, "macs")
         results["params_ratio"] = self.groups.cost_ratio(self.masks, "params")
-        cost = self.allocator.cost
-        if isinstance(cost, LatencyCostModel):
+        speed = self.cfg.budget.kind == "latency" or self.cfg.budget.measure_speedup
+        if speed:
+            cost = self.allocator.cost if isinstance(self.allocator.cost, LatencyCostModel) else self._latency_cost()
             kept = self.groups.kept_counts(self.masks).to(cost.widths.device)[None]
             results["latency_ratio_predicted"] = float(cost.cost(kept, "latency")[0]) / cost.dense("latency")
             results["speedup_predicted"] = 1 / results["latency_ratio_predicted"]
         self.groups.prune(self.masks)
         with torch.no_grad(), exact_fp32():
             results["equivalence_max_abs_diff"] = check_equivalence(masked, self.net(probe))
-        if isinstance(cost, LatencyCostModel):  # same shapes, fresh weights: latency does not depend on them
+        if speed:  # same shapes, fresh weights: latency does not depend on them
             batch, dtype, channels_last = self._serving()
             dense_net = create_backbone(self.cfg.model.model_copy(update={"weights": None}), self.ds.num_classes)
-            speed = measure_speedup(dense_net, self.net.backbone, self.groups.input_shape, batch, dtype, self.device,
-                                    channels_last=channels_last)
-            results.update(speedup_measured=speed["speedup"], latency_dense_ms=speed["dense_ms"],
-                           latency_pruned_ms=speed["pruned_ms"])
+            measured = measure_speedup(dense_net, self.net.backbone, self.groups.input_shape, batch, dtype, self.device,
+                                       channels_last=channels_last)
+            results.update(speedup_measured=measured["speedup"], latency_dense_ms=measured["dense_ms"],
+                           latency_pruned_ms=measured["pruned_ms"])
 
     def _serving(self) -> tuple[int, str, bool]:
         """Batch, dtype and memory format the latency budget is about: the run's own on its device."""
@@ -295,9 +296,11 @@ class _Run:
         return self.cfg.budget.latency_batch_size, "bf16" if self.amp else "fp32", self.cfg.channels_last and cuda
 
     def _cost_model(self) -> CostModel:
-        """MACs/params cost model, plus a latency table (measured once per device and cached) for latency budgets."""
-        if self.cfg.budget.kind != "latency":
-            return self.groups.cost
+        """What the allocator counts: MACs/params, or latency from the device's table."""
+        return self._latency_cost() if self.cfg.budget.kind == "latency" else self.groups.cost
+
+    def _latency_cost(self) -> LatencyCostModel:
+        """MACs/params cost model plus a latency table (measured once per device and cached)."""
         batch, dtype, channels_last = self._serving()
         table = load_or_build_table(self.groups, backbone_id(self.cfg.model), batch, dtype, self.device, channels_last,
                                     self.cfg.budget.latency_table)

@@ -25,7 +25,7 @@ from passray.pipeline import Runtime, run
 from passray.registry import describe, find, load_registered_hypernet, load_registered_structure
 from passray.tracking import Tracker, resolve_uri
 
-__all__ = ["MODES", "main", "transfer"]
+__all__ = ["MODES", "main", "mode_setup", "transfer"]
 
 MODES = ("zero-shot", "warm-start", "mask", "fresh")
 COLUMNS = ["mode", "source", "macs_ratio", "initial_masked_val_accuracy", "val_accuracy_before_finetune",
@@ -76,6 +76,21 @@ def _check_compatible(cfg: Config, hypernet, structure: dict[str, Any] | None) -
         masks_from_structure(structure, groups, source="registered structure")
 
 
+def mode_setup(cfg: Config, mode: str, hypernet=None, structure: dict[str, Any] | None = None,
+               prompt_epochs: int = 1) -> tuple[Config, Runtime]:
+    """The config and runtime of one mode; each mode gets its own copy of the source hypernet."""
+    if mode == "zero-shot":
+        return (validate(apply_overrides(cfg.to_dict(), [f"search.epochs={prompt_epochs}"])),
+                Runtime(progress=False, hypernet=copy.deepcopy(hypernet), freeze_hypernet=True))
+    if mode == "warm-start":
+        return cfg, Runtime(progress=False, hypernet=copy.deepcopy(hypernet))
+    if mode == "mask":
+        return cfg, Runtime(progress=False, structure=structure)
+    if mode == "fresh":
+        return cfg, Runtime(progress=False)
+    raise ValueError(f"transfer mode must be one of {', '.join(MODES)}, got {mode!r}")
+
+
 def transfer(cfg: Config, source_uri: str, modes: list[str], structure_uri: str | None = None,
              prompt_epochs: int = 1) -> list[dict[str, Any]]:
     uri = resolve_uri(cfg.tracking.uri)
@@ -94,14 +109,7 @@ def transfer(cfg: Config, source_uri: str, modes: list[str], structure_uri: str 
                                   params=cfg.flat(), tags=lineage)
     rows = []
     for mode in modes:
-        mode_cfg, runtime = cfg, Runtime(progress=False)
-        if mode == "zero-shot":
-            mode_cfg = validate(apply_overrides(cfg.to_dict(), [f"search.epochs={prompt_epochs}"]))
-            runtime = Runtime(progress=False, hypernet=copy.deepcopy(hypernet), freeze_hypernet=True)
-        elif mode == "warm-start":
-            runtime = Runtime(progress=False, hypernet=copy.deepcopy(hypernet))  # each mode starts from the source
-        elif mode == "mask":
-            runtime = Runtime(progress=False, structure=structure)
+        mode_cfg, runtime = mode_setup(cfg, mode, hypernet, structure, prompt_epochs)
         child = tracker.start_child(parent, mode, params=mode_cfg.flat(), tags={**lineage, "passray.transfer_mode": mode})
         reporter = _Reporter(tracker, child)
         runtime.reporter = reporter

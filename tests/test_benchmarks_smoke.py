@@ -117,3 +117,35 @@ def test_time_budget_and_estimates() -> None:
     assert budget.allows(None) and budget.allows(20.0) and not budget.allows(40.0)
     assert TimeBudget(None).allows(1e9)
     assert mean_std([0.5, 0.7, None]) == (pytest.approx(0.6), pytest.approx(0.1414, abs=1e-4), 2)
+
+
+def test_results_file_keeps_every_writers_rows(tmp_path: Path) -> None:
+    """Two processes sharing one file (one per setting on one GPU): neither loses the other's rows."""
+    path = tmp_path / "r.json"
+    first, second = (ResultsFile(path, "quality", ["a"], {"epochs": 1}) for _ in range(2))
+    first.add({"a": 1})
+    second.add({"a": 2})
+    first.data.setdefault("backbones", {})["all"] = {"sha256": "x"}
+    first.add({"a": 3})
+    second.data.setdefault("backbones", {})["shifted"] = {"sha256": "y"}
+    second.save()
+    data = json.loads(path.read_text())
+    assert [r["a"] for r in data["rows"]] == [1, 2, 3]
+    assert set(data["backbones"]) == {"all", "shifted"}
+
+
+def test_transfer_smoke_runs_every_mode_and_resumes(tmp_path: Path) -> None:
+    results = tmp_path / "transfer.json"
+    _run("transfer.py", "--results", str(results))
+    data = json.loads(results.read_text())
+    rows = {r["mode"]: r for r in data["rows"]}
+    assert list(rows) == ["source", "fresh", "warm-start", "zero-shot", "mask"]
+    assert rows["source"]["classes"] == [0, 1, 2, 3, 4] and rows["fresh"]["classes"] == [5, 6, 7, 8, 9]
+    for row in rows.values():
+        assert 0.3 < row["macs_ratio"] <= 0.5 + 1e-9 and 0.0 <= row["test_after_ft_final"] <= 1.0
+    assert not rows["zero-shot"]["hypernet_trained"] and rows["warm-start"]["hypernet_trained"]
+    assert (tmp_path / "work" / "transfer-source-seed0-keep0.5" / "hypernet" / "model.safetensors").is_file()
+    assert rows["mask"]["macs_ratio"] == pytest.approx(rows["source"]["macs_ratio"])
+    assert "| zero-shot |" in results.with_suffix(".md").read_text()
+    again = _run("transfer.py", "--results", str(results))
+    assert "5 of 5 rows done" in again.stdout

@@ -58,9 +58,7 @@ def _candidates(groups, n: int = 64, seed: int = 0) -> torch.Tensor:
 
 
 def _budget(keep: float, allocation: str, round_to: int = 1) -> BudgetConfig:
-    # model_construct: BudgetConfig.kind accepts "latency" only once config.py is patched
-    return BudgetConfig.model_construct(kind="latency", keep_ratio=keep, allocation=allocation, min_channels=1,
-                                        round_to=round_to)
+    return BudgetConfig(kind="latency", keep_ratio=keep, allocation=allocation, min_channels=1, round_to=round_to)
 
 
 def test_table_covers_every_layer_and_round_trips(tiny, tmp_path: Path) -> None:
@@ -210,3 +208,21 @@ def test_profile_cli_saves_and_prints(tmp_path: Path, capsys) -> None:
     printed = capsys.readouterr().out
     assert "dense predicted" in printed and "features.0.0" in printed and "share" in printed
     assert latency.LatencyTable.load(out).to_dict() == table.to_dict()
+
+
+@pytest.mark.parametrize("budget", [["budget.kind=latency", "budget.latency_table=analytic", "budget.keep_ratio=0.85"],
+                                    ["budget.kind=macs", "budget.measure_speedup=true"]])
+def test_pipeline_reports_predicted_and_measured_speedup(budget: list[str], tmp_path: Path) -> None:
+    """Both budget kinds end with MACs ratio, predicted and measured speed-up side by side."""
+    from conftest import TINY
+
+    from passray.config import load_config
+    from passray.pipeline import Runtime, run
+
+    cfg = load_config(None, [*TINY, *budget, "budget.latency_batch_size=4", f"output_dir={tmp_path}"])
+    out = run(cfg, Runtime(progress=False))
+    assert 0 < out["macs_ratio"] < 1
+    assert out["speedup_predicted"] > 1 and out["speedup_measured"] > 0
+    assert out["latency_dense_ms"] > 0 and out["latency_pruned_ms"] > 0
+    if cfg.budget.kind == "latency":
+        assert out["latency_ratio_predicted"] <= 0.85 * (1 + 1e-6)
