@@ -52,6 +52,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, argparse.Nam
                    help=f"rows (default all): {' '.join(MODES)}")
     p.add_argument("--warm-epochs", type=int, help="warm-start search epochs (default 2; --smoke: 1)")
     p.add_argument("--prompt-epochs", type=int, default=1, help="zero-shot: epochs fitting prompt and head (default 1)")
+    p.add_argument("--pretrain-lr", type=float, help="passed to quality.py (the backbone's recipe)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="passed to quality.py's protocol")
     p.add_argument("--time-budget", type=float, metavar="SECONDS", help="start no row that would end after this")
     p.add_argument("--smoke", action="store_true", help="CPU, digits, tiny convnet, 1 epoch per stage")
@@ -69,6 +70,8 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, argparse.Nam
     q += ["--results", args.results, "--setting", "shifted", "--methods", "pass"]
     if args.workdir:
         q += ["--workdir", args.workdir]
+    if args.pretrain_lr is not None:
+        q += ["--pretrain-lr", str(args.pretrain_lr)]
     for item in args.set:
         q += ["--set", item]
     qargs = quality.parse_args(q)
