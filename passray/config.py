@@ -82,6 +82,7 @@ class HypernetConfig(_Section):
     hidden_size: int = Field(64, gt=0, description="LSTM hidden size H")
     recurrent: bool = Field(True, description="False: an MLP per group instead of the LSTM (ablation)")
     stats_length: int = Field(16, ge=2, description="each per-channel statistic is resampled to this many points")
+    lr: float | None = Field(None, gt=0, description="search learning rate of the hypernet and prompt encoder (None: search.lr); prompt V and head keep search.lr")
     temperature: float = Field(0.5, gt=0, description="straight-through sigmoid temperature at the start of search")
     temperature_final: float | None = Field(0.1, gt=0, description="annealed to this by the end of search; None keeps it fixed")
     batch_norm: Literal["batch", "frozen"] = Field("batch", description="BN during search: batch statistics (what BN recalibration later gives) or the backbone's frozen running statistics")

@@ -41,9 +41,13 @@ def autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextM
     return contextlib.nullcontext()
 
 
-def build_optimizer(params: Iterable[nn.Parameter], cfg: OptimConfig, total_steps: int):
-    """Optimizer + per-step scheduler (cosine to zero, or constant)."""
-    params = [p for p in params if p.requires_grad]
+def build_optimizer(params: Iterable[nn.Parameter] | list[dict], cfg: OptimConfig, total_steps: int):
+    """Optimizer + per-step scheduler (cosine to zero, or constant); ``params`` may be
+    torch param groups (dicts with their own ``lr``), each scheduled alike."""
+    params = list(params)
+    groups = params if params and isinstance(params[0], dict) else [{"params": params}]
+    groups = [{**g, "params": [p for p in g["params"] if p.requires_grad]} for g in groups]
+    params = [g for g in groups if g["params"]]
     if not params:
         raise ValueError("nothing to train: no parameter requires grad")
     if cfg.optimizer == "sgd":

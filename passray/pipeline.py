@@ -213,7 +213,8 @@ class _Run:
                     "macs_ratio": self.groups.cost_ratio(allocation.masks, "macs")}
 
         self.hypernet.requires_grad_(not self.rt.freeze_hypernet)
-        params = [*self.hypernet.parameters(), *self.net.prompt.parameters(), *head.parameters()]
+        params = [{"params": list(self.hypernet.parameters()), "lr": cfg.hypernet.lr or cfg.search.lr},
+                  {"params": [*self.net.prompt.parameters(), *head.parameters()]}]
         self.net.attach(self.groups, pruner)  # before _fit wraps the net: DDP must see the hypernet's parameters
         self._fit("search", self.net, params, cfg.search, on_epoch_start=start_epoch, evaluate=masked_eval,
                   on_step=anneal)
