@@ -98,7 +98,7 @@ class Allocator:
         candidates = torch.cat([candidates, self.floor[None]])
         costs = self.cost.cost(candidates, self.budget.kind)
         costs = torch.where(costs <= self.target * (1 + 1e-9), costs, torch.full_like(costs, -1.0))
-        return candidates[torch.argmax(costs)]
+        return candidates.index_select(0, torch.argmax(costs)[None])[0]  # plain [argmax] would read it on the host
 
     def _masks(self, padded: torch.Tensor, kept: torch.Tensor) -> Allocation:
         order = padded.argsort(dim=1, descending=True, stable=True)

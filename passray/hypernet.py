@@ -128,6 +128,7 @@ class PassHypernet(nn.Module):
         for layer in [self.group_head, *self.mappers.values()]:
             nn.init.normal_(layer.weight, std=0.01)
             nn.init.zeros_(layer.bias)
+        self._index_cache: dict[tuple, dict[int, tuple[list[int], torch.Tensor]]] = {}
 
     def check_widths(self, widths: list[int]) -> None:
         missing = sorted(set(widths) - set(self.spec["widths"]))
@@ -151,16 +152,24 @@ class PassHypernet(nn.Module):
             return out[:, 0, :]
         return self.cell(torch.cat([e, h0.expand(len(e), -1)], dim=1))
 
+    def _members_by_width(self, widths: list[int], device: torch.device) -> dict[int, tuple[list[int], torch.Tensor]]:
+        """Groups of each width, with their index tensor made once per device: indexing with a Python
+        list copies it to the GPU on every step, and that copy waits for the GPU (a host sync)."""
+        key = (tuple(widths), str(device))
+        if key not in self._index_cache:
+            by_width: dict[int, list[int]] = {}
+            for gi, w in enumerate(widths):
+                by_width.setdefault(w, []).append(gi)
+            self._index_cache[key] = {w: (m, torch.tensor(m, device=device)) for w, m in by_width.items()}
+        return self._index_cache[key]
+
     def forward(self, stats: torch.Tensor, widths: list[int], priors: list[torch.Tensor],
                 prompt: torch.Tensor | None = None) -> list[torch.Tensor]:
         h = self.hidden_states(stats, prompt)
         shift, log_gain = self.group_head(h).unbind(dim=1)
-        by_width: dict[int, list[int]] = {}
-        for gi, w in enumerate(widths):
-            by_width.setdefault(w, []).append(gi)
         scores: list[torch.Tensor | None] = [None] * len(widths)
-        for w, members in by_width.items():
-            per_channel = self.mappers[str(w)](h[members])  # [n, w], one matmul per width
+        for w, (members, index) in self._members_by_width(widths, h.device).items():
+            per_channel = self.mappers[str(w)](h.index_select(0, index))  # [n, w], one matmul per width
             for row, gi in enumerate(members):
                 scores[gi] = per_channel[row] + shift[gi] + torch.exp(log_gain[gi]) * priors[gi]
         return scores

@@ -127,3 +127,20 @@ def test_prompt_kinds(kind: str, pixels: int) -> None:
     with torch.no_grad():
         prompt.values.fill_(1.0)
     assert int((prompt(x) != x).sum()) == 2 * 3 * pixels  # only the prompt's pixels move
+
+
+def test_search_optimizer_gives_the_hypernet_its_own_learning_rate() -> None:
+    """hypernet.lr sets the hypernet's param group; the rest keeps search.lr (both scheduled)."""
+    from passray.config import OptimConfig
+    from passray.engine import build_optimizer
+
+    hyper, head, frozen = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+    frozen.requires_grad_(False)
+    opt, sched = build_optimizer([{"params": list(hyper.parameters()), "lr": 1e-4},
+                                  {"params": [*head.parameters(), *frozen.parameters()]}],
+                                 OptimConfig(lr=3e-3, optimizer="adamw"), total_steps=10)
+    assert [g["lr"] for g in opt.param_groups] == [1e-4, 3e-3]
+    assert len(opt.param_groups[1]["params"]) == 2  # frozen parameters are left out
+    opt.step()
+    sched.step()
+    assert opt.param_groups[0]["lr"] < 1e-4 and opt.param_groups[1]["lr"] < 3e-3
