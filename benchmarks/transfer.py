@@ -93,8 +93,6 @@ def mode_config(args, qargs, mode: str, seed: int, weights: Path):
         overrides.append(f"data.classes={json.dumps(SOURCE_CLASSES)}")
     elif mode == "warm-start":
         overrides.append(f"search.epochs={args.warm_epochs}")
-    elif mode == "mask":
-        overrides.append(f"head_epochs={qargs.search_epochs}")
     return load_config(None, overrides)
 
 

@@ -4,7 +4,8 @@ Modes, each fine-tuned and reported against a fresh search at the same budget:
 - ``zero-shot``: the registered hypernet, frozen, picks the masks; only the prompt (and the
   new head) are fitted for ``--prompt-epochs``;
 - ``warm-start``: PASS search continues from the registered hypernet;
-- ``mask``: the registered structure's kept channels are used as they are;
+- ``mask``: the registered structure's kept channels are used as they are (the head is
+  trained ``head_epochs``, or ``search.epochs`` if that is 0);
 - ``fresh``: PASS search from scratch (the reference).
 Every run is an MLflow child run tagged with the source model version (lineage).
 Incompatible sources fail with one line before anything is trained.
@@ -84,8 +85,9 @@ def mode_setup(cfg: Config, mode: str, hypernet=None, structure: dict[str, Any] 
                 Runtime(progress=False, hypernet=copy.deepcopy(hypernet), freeze_hypernet=True))
     if mode == "warm-start":
         return cfg, Runtime(progress=False, hypernet=copy.deepcopy(hypernet))
-    if mode == "mask":
-        return cfg, Runtime(progress=False, structure=structure)
+    if mode == "mask":  # no search: the head gets the epochs a search would have given it, as baselines do
+        head = cfg.head_epochs or cfg.search.epochs
+        return validate(apply_overrides(cfg.to_dict(), [f"head_epochs={head}"])), Runtime(progress=False, structure=structure)
     if mode == "fresh":
         return cfg, Runtime(progress=False)
     raise ValueError(f"transfer mode must be one of {', '.join(MODES)}, got {mode!r}")

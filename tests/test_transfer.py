@@ -93,3 +93,17 @@ def test_incompatible_or_unknown_source_fails_before_training(registered, overri
         transfer(_target(registered, *override), source, list(MODES))
     after = client.get_experiment_by_name("transfer")
     assert (len(client.search_runs([after.experiment_id])) if after else 0) == count
+
+
+def test_mode_setup_gives_mask_mode_the_search_head_epochs() -> None:
+    from passray.transfer import mode_setup
+
+    cfg = load_config(None, COMMON + ["search.epochs=3"])
+    mask_cfg, runtime = mode_setup(cfg, "mask", structure={"groups": []})
+    assert mask_cfg.head_epochs == 3 and runtime.structure == {"groups": []} and runtime.hypernet is None
+    import torch
+
+    zero_cfg, runtime = mode_setup(cfg, "zero-shot", hypernet=torch.nn.Linear(1, 1), prompt_epochs=2)
+    assert zero_cfg.search.epochs == 2 and runtime.freeze_hypernet
+    with pytest.raises(ValueError, match="transfer mode"):
+        mode_setup(cfg, "sideways")
