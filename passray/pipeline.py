@@ -116,7 +116,10 @@ class _Run:
 
     def _report(self, metrics: dict[str, Any]) -> None:
         self.meta["history"].append(metrics)
-        self.rt.reporter.report({**metrics, **self.meta["results"]}, lambda d: save_state(d, self._state()))
+        # "step": index of this report in the run, restored with the history, so an MLflow run
+        # resumed after a worker restart continues its curves instead of restarting at step 0.
+        self.rt.reporter.report({**metrics, **self.meta["results"], "step": len(self.meta["history"]) - 1},
+                                lambda d: save_state(d, self._state()))
 
     # -------------------------------------------------------------- stages
     def _fit(self, stage: str, module: nn.Module, params: list[nn.Parameter], ocfg: OptimConfig,
@@ -376,7 +379,7 @@ class _Run:
         if self.rt.rank == 0 and self.rt.export_dir is not None:
             self.export(self.rt.export_dir)
         self.meta.update(stage="done", epoch=0)
-        self.rt.reporter.report({"stage": "done", **results}, self._final_checkpoint)
+        self.rt.reporter.report({"stage": "done", **results, "step": len(self.meta["history"])}, self._final_checkpoint)
         return {"method": self.cfg.method, "keep_ratio": self.cfg.budget.keep_ratio, **results,
                 "history": list(self.meta["history"])}
 

@@ -175,12 +175,19 @@ class Tracker:
         for start in range(0, len(items), 100):
             self.client.log_batch(run_id, params=items[start:start + 100])
 
-    def log_metrics(self, run_id: str, metrics: Mapping[str, Any], step: int = 0) -> dict[str, float]:
-        """Logs the finite numbers of ``metrics`` (strings, bools, NaN, inf are skipped); returns them."""
+    def log_metrics(self, run_id: str, metrics: Mapping[str, Any], step: int | None = None) -> dict[str, float]:
+        """Logs the finite numbers of ``metrics`` (strings, bools, NaN, inf are skipped); returns them.
+
+        ``step`` None: the metrics' own ``step`` (the pipeline's report index, which survives
+        a resume), not logged as a metric itself; 0 when there is none.
+        """
         import time
 
         from mlflow.entities import Metric
 
+        if step is None:
+            metrics = dict(metrics)
+            step = metrics.pop("step", 0)
         now = int(time.time() * 1000)
         kept = {str(k)[:MAX_KEY_LENGTH]: v for k, v in ((k, _finite(v)) for k, v in metrics.items()) if v is not None}
         items = [Metric(k, v, now, int(step)) for k, v in kept.items()]

@@ -88,7 +88,7 @@ class RayReporter:
 
     def __init__(self, writes_checkpoints: bool, mlflow_run: tuple[str, str] | None = None) -> None:
         self.writes_checkpoints = writes_checkpoints
-        self.tracker, self.run_id, self.step = None, None, 0
+        self.tracker, self.run_id = None, None
         if mlflow_run is not None and writes_checkpoints:  # rank 0 also logs every epoch to MLflow
             from passray.tracking import Tracker
 
@@ -97,8 +97,7 @@ class RayReporter:
     def report(self, metrics: dict[str, Any], save_state: Callable[[Path], None] | None) -> None:
         metrics = scalar_metrics(metrics)
         if self.tracker is not None:
-            self.tracker.log_metrics(self.run_id, metrics, step=self.step)
-            self.step += 1
+            self.tracker.log_metrics(self.run_id, metrics)
             metrics["mlflow_run_id"] = self.run_id
         if not self.writes_checkpoints or save_state is None:
             ray.train.report(metrics, checkpoint=None)

@@ -37,12 +37,11 @@ class _Reporter:
     """Per-epoch metrics to the mode's MLflow child run; remembers when search ended."""
 
     def __init__(self, tracker: Tracker, run_id: str) -> None:
-        self.tracker, self.run_id, self.step = tracker, run_id, 0
+        self.tracker, self.run_id = tracker, run_id
         self.started, self.search_seconds = time.time(), 0.0
 
     def report(self, metrics: dict[str, Any], save_state) -> None:
-        self.tracker.log_metrics(self.run_id, metrics, step=self.step)
-        self.step += 1
+        self.tracker.log_metrics(self.run_id, metrics)
         if metrics.get("stage") == "search":
             self.search_seconds = time.time() - self.started
 

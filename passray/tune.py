@@ -90,12 +90,11 @@ class _TuneReporter:
     """
 
     def __init__(self, tracker: Tracker, run_id: str, cfg: Config) -> None:
-        self.tracker, self.run_id, self.cfg, self.step = tracker, run_id, cfg, 0
+        self.tracker, self.run_id, self.cfg = tracker, run_id, cfg
 
     def report(self, metrics: dict[str, Any], save_state) -> None:
         metrics = scalar_metrics(metrics)
-        self.tracker.log_metrics(self.run_id, metrics, step=self.step)
-        self.step += 1
+        self.tracker.log_metrics(self.run_id, metrics)
         with tempfile.TemporaryDirectory(prefix="passray-trial-") as tmp:
             checkpoint = None
             if save_state is not None:

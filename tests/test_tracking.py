@@ -74,6 +74,7 @@ def test_parent_child_runs_metrics_and_artifacts(store, pass_exports, tmp_path):
     logged = tracker.log_metrics(child, {"val_accuracy": 0.5, "nan": math.nan, "inf": math.inf, "stage": "search",
                                          "flag": True, "t": torch.tensor(0.25)}, step=3)
     tracker.log_metrics(child, {"val_accuracy": 0.75}, step=4)
+    tracker.log_metrics(child, {"val_accuracy": 0.8, "step": 9})  # the pipeline's report index is the step
     tracker.log_export(child, pass_exports[0])
     tracker.end(child)
     assert set(logged) == {"val_accuracy", "t"}
@@ -87,7 +88,8 @@ def test_parent_child_runs_metrics_and_artifacts(store, pass_exports, tmp_path):
     assert len(p.data.params["long"]) == 6000 and p.data.params["budget.keep_ratio"] == "0.4"
     assert c.data.tags["mlflow.parentRunId"] == parent and c.info.status == "FAILED"
     assert c.data.params["data.classes"] == "[1, 2]"
-    assert [(m.step, m.value) for m in client.get_metric_history(child, "val_accuracy")] == [(3, 0.5), (4, 0.75)]
+    assert [(m.step, m.value) for m in client.get_metric_history(child, "val_accuracy")] == [(3, 0.5), (4, 0.75), (9, 0.8)]
+    assert "step" not in c.data.metrics
     assert set(c.data.metrics) == {"val_accuracy", "t"}
     files = {a.path for a in client.list_artifacts(child, "export")}
     assert {"export/structure.json", "export/weights.safetensors", "export/hypernet", "export/masks.json"} <= files

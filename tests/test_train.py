@@ -76,7 +76,8 @@ def _run_log(path: Path):
         def after_report(self, run_context, metrics, checkpoint):
             with open(path, "a") as f:
                 f.write(json.dumps({"event": "report", "stage": metrics[0].get("stage"),
-                                    "epoch": metrics[0].get("epoch"), "checkpoint": checkpoint is not None,
+                                    "epoch": metrics[0].get("epoch"), "step": metrics[0].get("step"),
+                                    "checkpoint": checkpoint is not None,
                                     "ranks": len(metrics)}) + "\n")
 
         def after_exception(self, run_context, worker_exceptions):
@@ -207,6 +208,8 @@ def test_worker_death_restarts_from_last_checkpoint(ray_cluster, tmp_path):
     first_crash = kinds.index("exception")
     assert _reports(events[:first_crash]) == [("search", 0)]  # died inside search epoch 1
     assert _reports(events) == [("search", 0), ("search", 1), ("finetune", 0), ("done", None)]
+    # the restarted worker continues the report index (MLflow's step), it does not restart at 0
+    assert [e["step"] for e in events if e["event"] == "report"] == [0, 1, 2, 3]
     assert all(e["ranks"] == 2 for e in events if e["event"] == "report")
     assert _history(ckpt) == [("search", 0), ("search", 1), ("finetune", 0)]
     assert metrics["stage"] == "done" and 0.0 <= metrics["val_accuracy"] <= 1.0
