@@ -27,7 +27,7 @@ from passray.pipeline import Runtime, pretrain, run
 from passray.tracking import Tracker, resolve_uri
 from passray.train import copy_export, fit, scalar_metrics, storage_uri
 
-__all__ = ["build_space", "main", "pareto_front"]
+__all__ = ["build_space", "check_tracking_reaches_trials", "main", "pareto_front"]
 
 SPACE_TYPES = ("int", "uniform", "loguniform", "choice")
 RESULT_COLUMNS = ["trial", "prompt.kind", "prompt.size", "hypernet.hidden_size", "budget.keep_ratio", "macs_ratio",
@@ -237,6 +237,14 @@ def _register(cfg: Config, rows: list[dict[str, Any]], front: list[dict[str, Any
             print(f"registered trial {row['trial']}: {', '.join(names)}")
 
 
+def check_tracking_reaches_trials(uri: str, hosts: set[str]) -> None:
+    """Refuse a file-based MLflow store when trials may run on other hosts: each would log to
+    its own copy of the file and the parent run would never see them."""
+    if len(hosts) > 1 and uri.startswith(("sqlite:", "file:", "/", ".")):
+        raise ConfigError(f"config key 'tracking.uri': {uri!r} is a file on this host, but the cluster spans "
+                          f"{len(hosts)} hosts whose trials cannot log to it; use an MLflow server (http://...)")
+
+
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser = make_parser("passray.tune", __doc__.split("\n\n")[0])
     parser.add_argument("--resume", metavar="PATH", help="experiment dir of an interrupted run (Tuner.restore)")
@@ -248,6 +256,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                           f"(local or NFS), got {cfg.train.storage_path!r}")
     uri = resolve_uri(cfg.tracking.uri)
     tracker = Tracker(uri)  # fails here, before any training, if MLflow is unreachable
+    ray.init(address=os.environ.get("RAY_ADDRESS"), ignore_reinit_error=True, log_to_driver=False)
+    check_tracking_reaches_trials(uri, {n["NodeManagerAddress"] for n in ray.nodes() if n["Alive"]})
     storage = storage_uri(cfg.train.storage_path)
     exp_dir = Path(args.resume) if args.resume else Path(storage) / cfg.tune.name
     if args.resume and not (exp_dir / "passray_tune.json").is_file():
@@ -272,7 +282,6 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         state["parent_run_id"] = tracker.start_parent(cfg.tracking.experiment, cfg.tune.name, params=cfg.flat())
         tracker.log_config(state["parent_run_id"], cfg)
     state_file.write_text(json.dumps(state, indent=1))
-    ray.init(address=os.environ.get("RAY_ADDRESS"), ignore_reinit_error=True, log_to_driver=False)
     per_trial = cfg.tune.cpus_per_trial if cfg.train.num_workers == 0 else 0.5
     trainable = tune.with_resources(run_trial, {"CPU": per_trial})
     param_space = {"base": base, "values": space, "tracking_uri": uri, "parent_run_id": state["parent_run_id"],

@@ -71,6 +71,17 @@ def test_search_space_errors_fail_before_ray_starts(tmp_path: Path, space: dict,
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "ray_results").exists()
 
 
+def test_file_tracking_store_is_refused_on_a_multi_host_cluster() -> None:
+    from passray.tune import check_tracking_reaches_trials
+
+    for uri in ("sqlite:////data/mlflow.db", "file:///tmp/mlruns", "/tmp/mlruns"):
+        check_tracking_reaches_trials(uri, {"10.0.0.1"})  # one host (local nodes share it): fine
+        with pytest.raises(ConfigError, match="tracking.uri.*2 hosts"):
+            check_tracking_reaches_trials(uri, {"10.0.0.1", "10.0.0.2"})
+    check_tracking_reaches_trials("http://mlflow:5000", {"10.0.0.1", "10.0.0.2"})
+    check_tracking_reaches_trials("databricks", {"10.0.0.1", "10.0.0.2"})
+
+
 def test_cli_error_is_one_line(tmp_path: Path) -> None:
     path = _write(tmp_path, tune__space={"prompt.size": {"type": "int", "low": 5, "high": 1}})
     proc = subprocess.run([sys.executable, "-m", "passray.tune", "--config", str(path)], capture_output=True, text=True,
