@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import shutil
 import tempfile
@@ -29,6 +30,10 @@ import yaml
 
 from passray._cli import format_table, run_cli
 from passray.tracking import Tracker, masks_summary, resolve_uri
+
+# Registering downloads each small artifact once to validate it; MLflow's per-download progress
+# bars would bury the results table in dozens of lines. Set the variable to "true" to see them.
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 __all__ = ["KINDS", "budget_alias", "describe", "find", "load_registered_hypernet", "load_registered_structure", "main",
            "model_name", "promote", "register_export", "register_run", "resolve"]
