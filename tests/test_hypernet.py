@@ -144,3 +144,33 @@ def test_search_optimizer_gives_the_hypernet_its_own_learning_rate() -> None:
     opt.step()
     sched.step()
     assert opt.param_groups[0]["lr"] < 1e-4 and opt.param_groups[1]["lr"] < 3e-3
+
+
+def test_frozen_batch_norm_search_runs_on_the_backbone_statistics(monkeypatch, tmp_path) -> None:
+    """Validation recalibrates BN under each epoch's masks; with batch_norm: frozen the next
+    search epoch must still see the backbone's running statistics."""
+    from conftest import TINY
+
+    from passray import engine
+    from passray.config import load_config
+    from passray.pipeline import Runtime, run
+
+    seen: list[tuple[str, torch.Tensor]] = []
+    original = engine.run_epoch
+
+    def recording(model, *args, desc="", **kwargs):
+        stage = (desc.split() or ["other"])[0]
+        bn = next(m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+        seen.append((stage, bn.running_mean.clone()))
+        out = original(model, *args, desc=desc, **kwargs)
+        seen.append((stage + "-end", bn.running_mean.clone()))
+        return out
+
+    monkeypatch.setattr(engine, "run_epoch", recording)
+    cfg = load_config(None, [*TINY, "search.epochs=2", "hypernet.batch_norm=frozen", f"output_dir={tmp_path}"])
+    run(cfg, Runtime(progress=False))
+    pretrained = [v for stage, v in seen if stage == "pretrain-end"][-1]
+    search = [v for stage, v in seen if stage.startswith("search")]
+    assert len(search) == 4  # start and end of two search epochs
+    for value in search:
+        torch.testing.assert_close(value, pretrained, rtol=0, atol=0)
