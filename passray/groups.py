@@ -101,8 +101,10 @@ class ChannelGroups:
         if not self.groups:
             why = f" (left whole: {'; '.join(sorted(set(self.left_whole.values())))})" if self.left_whole else ""
             raise ValueError(f"no prunable channel groups found in {type(model).__name__}{why}")
-        self.groups.sort(key=lambda g: order[g.name])  # network order, for the LSTM
-        shapes = trace_layer_shapes(model, example_input)
+        shapes = trace_layer_shapes(model, example_input)  # filled by forward hooks: in execution order
+        executed = {name: i for i, name in enumerate(shapes)}
+        # network order, for the LSTM: the order layers run in, not the order they were registered in
+        self.groups.sort(key=lambda g: (executed.get(g.name, len(executed)), order[g.name]))
         model.train(was_training)
         self.cost = CostModel.build(model, shapes, self.groups)
         self._gates: _Gates | None = None  # hooks exist only while masks are set

@@ -140,3 +140,20 @@ def test_rounding_never_breaks_the_budget(keep: float, round_to: int, min_channe
         [torch.randn(g.width) for g in groups.groups])
     assert float(result.ratio) <= keep
     assert all(int(k) % round_to == 0 or int(k) == w for k, w in zip(result.kept, groups.widths))
+
+
+def test_groups_follow_execution_order_not_registration_order() -> None:
+    """The LSTM steps over groups in network order: the order layers run in."""
+
+    class Reversed(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.late = torch.nn.Sequential(torch.nn.Conv2d(16, 32, 3, padding=1), torch.nn.BatchNorm2d(32), torch.nn.ReLU())
+            self.early = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.BatchNorm2d(16), torch.nn.ReLU())
+            self.head = torch.nn.Linear(32, 10)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.late(self.early(x)).mean((2, 3)))
+
+    groups = build_groups(Reversed(), 16)
+    assert [g.name for g in groups.groups] == ["early.0", "late.0"]
