@@ -27,7 +27,7 @@ from passray.pipeline import Runtime, pretrain, run
 from passray.tracking import Tracker, resolve_uri
 from passray.train import copy_export, fit, scalar_metrics, storage_uri
 
-__all__ = ["build_space", "check_tracking_reaches_trials", "main", "pareto_front"]
+__all__ = ["build_space", "check_tracking_reaches_trials", "main", "pareto_front", "pretrain_on_cluster"]
 
 SPACE_TYPES = ("int", "uniform", "loguniform", "choice")
 RESULT_COLUMNS = ["trial", "prompt.kind", "prompt.size", "hypernet.hidden_size", "budget.keep_ratio", "macs_ratio",
@@ -237,6 +237,20 @@ def _register(cfg: Config, rows: list[dict[str, Any]], front: list[dict[str, Any
             print(f"registered trial {row['trial']}: {', '.join(names)}")
 
 
+def _pretrain_task(cfg_dict: dict[str, Any], path: str) -> dict[str, Any]:
+    out = pretrain(validate(cfg_dict), path, Runtime(progress=False))
+    return {**out, "node": ray.get_runtime_context().get_node_id(), "gpus": [str(g) for g in ray.get_gpu_ids()]}
+
+
+def pretrain_on_cluster(cfg: Config, path: Path) -> dict[str, Any]:
+    """The shared dense training: on a GPU worker when trials use GPUs (a cluster's head node
+    often has none, and CPU training would take hours), else here on the driver."""
+    if not cfg.train.use_gpu:
+        return pretrain(cfg, path, Runtime(progress=True))
+    task = ray.remote(num_gpus=1, num_cpus=cfg.train.cpus_per_worker)(_pretrain_task)
+    return ray.get(task.remote(cfg.to_dict(), str(path)))
+
+
 def check_tracking_reaches_trials(uri: str, hosts: set[str]) -> None:
     """Refuse a file-based MLflow store when trials may run on other hosts: each would log to
     its own copy of the file and the parent run would never see them."""
@@ -275,7 +289,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         weights = exp_dir / "backbone.safetensors"
         if not weights.exists():
             print(f"dense training of {cfg.model.arch} once, shared by every trial -> {weights}")
-            dense = pretrain(cfg, weights, Runtime(progress=True))
+            dense = pretrain_on_cluster(cfg, weights)
             state["dense"] = {k: v for k, v in dense.items() if k != "path"}
         base = apply_overrides(base, [f"model.weights={weights}", "pretrain.epochs=0"])
     if "parent_run_id" not in state:

@@ -211,3 +211,25 @@ def test_trials_as_ray_train_trainers_log_every_epoch(tmp_path: Path) -> None:
     history = client.get_metric_history(child[0].info.run_id, "val_accuracy")
     assert len(history) >= 3  # search, finetune, done
     assert any(a.path == "export" for a in client.list_artifacts(child[0].info.run_id))
+
+
+def test_shared_dense_training_runs_on_a_gpu_worker_when_trials_use_gpus(tmp_path: Path) -> None:
+    """A GPU cluster's head node often has no GPU: the dense training must not run there.
+
+    Ray schedules by logical resources, so a local Ray with one declared GPU shows where
+    the task lands (torch still sees no CUDA here and trains on the CPU)."""
+    import ray
+
+    from passray.config import load_config
+    from passray.tune import pretrain_on_cluster
+
+    cfg = load_config(str(_write(tmp_path)), ["train.use_gpu=true", "train.cpus_per_worker=1"])
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(num_cpus=2, num_gpus=1, include_dashboard=False, log_to_driver=False)
+    try:
+        out = pretrain_on_cluster(cfg, tmp_path / "backbone.safetensors")
+    finally:
+        ray.shutdown()
+    assert out["gpus"] == ["0"] and out["node"]
+    assert (tmp_path / "backbone.safetensors").is_file() and 0.0 <= out["test_accuracy"] <= 1.0
