@@ -490,12 +490,13 @@ def main(argv: list[str] | None = None) -> int:
     results = ResultsFile(args.results, "quality", ["setting", "row", "target", "seed"], protocol(args))
     results.start_invocation(settings)
     cached_datasets.install()
-    # Seeds outermost: every finished command leaves whole seeds of the table, not whole settings.
-    plan = [(s, r, t, seed) for seed in args.seeds for s in args.setting for t in args.targets for r in args.methods]
-    todo = [] if args.pretrain_only else [k for k in plan if not results.has(k)]
     if args.pretrain_only:
         for setting in args.setting:
             ensure_backbone(args, setting, results)
+        return 0
+    # Seeds outermost: every finished command leaves whole seeds of the table, not whole settings.
+    plan = [(s, r, t, seed) for seed in args.seeds for s in args.setting for t in args.targets for r in args.methods]
+    todo = [k for k in plan if not results.has(k)]
     print(f"[quality] {len(plan) - len(todo)} of {len(plan)} rows already in {args.results}; {len(todo)} to run", flush=True)
     failures = run_plan(args, todo, results, budget)
     finish(results)

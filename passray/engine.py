@@ -45,16 +45,16 @@ def build_optimizer(params: Iterable[nn.Parameter] | list[dict], cfg: OptimConfi
     """Optimizer + per-step scheduler (cosine to zero, or constant); ``params`` may be
     torch param groups (dicts with their own ``lr``), each scheduled alike."""
     params = list(params)
-    groups = params if params and isinstance(params[0], dict) else [{"params": params}]
-    groups = [{**g, "params": [p for p in g["params"] if p.requires_grad]} for g in groups]
-    params = [g for g in groups if g["params"]]
-    if not params:
+    given = params if params and isinstance(params[0], dict) else [{"params": params}]
+    trainable = [{**g, "params": [p for p in g["params"] if p.requires_grad]} for g in given]
+    groups = [g for g in trainable if g["params"]]
+    if not groups:
         raise ValueError("nothing to train: no parameter requires grad")
     if cfg.optimizer == "sgd":
-        opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0,
+        opt = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0,
                               weight_decay=cfg.weight_decay)
     else:
-        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     total = max(total_steps, 1)
     if cfg.schedule == "cosine":
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
@@ -111,6 +111,25 @@ def evaluate(model: nn.Module, loader: Iterable, device: torch.device, amp: bool
         model.train(was_training)
 
 
+def _batch_norms(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+
+
+@contextlib.contextmanager
+def kept_bn_statistics(model: nn.Module) -> Iterator[None]:
+    """Whatever the block does to BN running statistics (e.g. a recalibration to validate
+    some masks) is undone when it ends."""
+    norms = _batch_norms(model)
+    saved = [[b.clone() for b in m.buffers()] for m in norms]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for m, buffers in zip(norms, saved):
+                for b, old in zip(m.buffers(), buffers):
+                    b.copy_(old)
+
+
 @torch.no_grad()
 def recalibrate_bn(model: nn.Module, loader: Iterable, device: torch.device, batches: int, amp: bool = False) -> None:
     """Re-estimate BN running statistics under the current masks (cumulative average).
@@ -118,7 +137,7 @@ def recalibrate_bn(model: nn.Module, loader: Iterable, device: torch.device, bat
     Masks change every downstream layer's input distribution; without this, magnitude
     masks score near chance before fine-tuning and any comparison is unfair.
     """
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    norms = _batch_norms(model)
     if not norms or batches == 0:
         return
     saved = [(m, m.momentum, m.training) for m in norms]

@@ -177,17 +177,10 @@ class _Run:
         The BN buffers are put back afterwards: search with ``hypernet.batch_norm: frozen``
         must keep running on the backbone's statistics, not on the last validated masks'.
         """
-        norms = [m for m in self.net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
-        saved = [[b.clone() for b in m.buffers()] for m in norms]
         self.net.fix_masks(masks)
-        try:
+        with engine.kept_bn_statistics(self.net):
             engine.recalibrate_bn(self.net, self.loaders.train, self.device, self.cfg.bn_recalibration_batches, self.amp)
             return engine.evaluate(self.net, self.loaders.val, self.device, self.amp)
-        finally:
-            with torch.no_grad():
-                for m, buffers in zip(norms, saved):
-                    for b, old in zip(m.buffers(), buffers):
-                        b.copy_(old)
 
     def _search_pass(self) -> None:
         cfg = self.cfg
