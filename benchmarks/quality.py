@@ -218,7 +218,8 @@ class EpochRecorder:
         if metrics.get("stage") not in ("search", "finetune"):
             return
         stamp = time.perf_counter()
-        keep = ("stage", "epoch", "train_loss", "train_accuracy", "val_accuracy", "test_accuracy", "macs_ratio")
+        keep = ("stage", "epoch", "train_loss", "train_accuracy", "val_accuracy", "test_accuracy", "macs_ratio",
+                "mask_overlap_initial", "mask_overlap_taylor", "kept_per_group")
         self.epochs.append({**{k: metrics[k] for k in keep if k in metrics}, "seconds": stamp - self._mark})
         self._mark = stamp
 
@@ -230,6 +231,8 @@ def row_overrides(args: argparse.Namespace, setting: str, row: str, target: floa
     spec, st = ROWS[row], SETTINGS[setting]
     head_epochs = 0 if spec.is_pass else args.search_epochs  # the head training PASS's search gives its head
     extra = [] if st.prune_classes is None else [f"data.classes={_q(st.prune_classes)}"]
+    if spec.is_pass and st.new_head:  # a random head would steer the first hypernet steps
+        extra.append("hypernet.warmup_epochs=1")
     return [*base_overrides(args, user=False), *extra, f"method={spec.method}",
             f"budget.allocation={spec.allocation}", f"budget.keep_ratio={target}", f"seed={seed}",
             f"model.weights={_q(str(weights))}", "pretrain.epochs=0", f"head_epochs={head_epochs}",
@@ -271,6 +274,9 @@ def run_row(args: argparse.Namespace, setting: str, row: str, target: float, see
         "initial_masked_val_accuracy": out.get("initial_masked_val_accuracy"),
         "search_best_val_accuracy": out.get("search_best_val_accuracy"),
         "search_val_per_epoch": [e.get("val_accuracy") for e in search],
+        "search_overlap_initial_per_epoch": [e.get("mask_overlap_initial") for e in search],
+        "search_overlap_taylor_per_epoch": [e.get("mask_overlap_taylor") for e in search],
+        "search_kept_per_epoch": [e.get("kept_per_group") for e in search],
         "search_seconds": sum(e["seconds"] for e in search),
         "search_epoch_seconds": [e["seconds"] for e in search],
         "finetune_seconds_per_epoch": sum(e["seconds"] for e in tune) / max(len(tune), 1),

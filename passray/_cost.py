@@ -131,6 +131,13 @@ class CostModel:
         t = self.terms[kind]
         return (out * inp) @ t[0] + out @ t[1] + inp @ t[2] + t[3].sum()
 
+    def marginal(self, kept: torch.Tensor, kind: str = "macs") -> torch.Tensor:
+        """[G]: cost saved by removing one more channel of each group from ``kept`` ([G])."""
+        kept = kept.to(self.widths.dtype)
+        fewer = kept[None, :] - torch.eye(len(kept), dtype=kept.dtype, device=kept.device)
+        costs = self.cost(torch.cat([kept[None], fewer]), kind)
+        return (costs[0] - costs[1:]).clamp(min=0)
+
     def dense(self, kind: str = "macs") -> float:
         return float(self.cost(self.widths[None], kind)[0])
 

@@ -87,7 +87,10 @@ class HypernetConfig(_Section):
     temperature_final: float | None = Field(0.1, gt=0, description="annealed to this by the end of search; None keeps it fixed")
     batch_norm: Literal["batch", "frozen"] = Field("batch", description="BN during search: batch statistics (what BN recalibration later gives) or the backbone's frozen running statistics")
     keep: Literal["best", "last"] = Field("best", description="after search: masks, head and prompt of the best-validated epoch (initial masks included), or of the last")
-    magnitude_prior: bool = Field(True, description="bias scores with standardised L1 magnitudes so search starts near global L1")
+    prior: Literal["taylor", "l1", "none"] = Field("taylor", description="what scores start from (the residual starts at zero): taylor = first-order Taylor scores on a few train batches (first masks = global Taylor's), l1 = per-group standardised L1 (near uniform L1), none")
+    sample: bool = Field(True, description="draw training masks from scores + logistic noise of scale T (budget still exact), so a kept channel's worth is measured when it is dropped; False: deterministic masks")
+    project_budget: bool = Field(True, description="remove from the mask gradient its component that would change the budget (the allocator undoes it anyway), leaving the exchange of channels at equal cost")
+    warmup_epochs: int = Field(0, ge=0, description="first search epochs train only head and prompt under the prior's masks (a new head starts random; its gradients would mislead the hypernet)")
 
 
 class OptimConfig(_Section):

@@ -1,24 +1,36 @@
 """PASS: a recurrent hypernetwork that maps layer weight statistics and a visual prompt to
 channel scores, and straight-through masks from the shared allocator.
 
-Why each piece exists:
-- fixed-length statistics per group let one LSTM step over groups of any width, and let a
-  trained hypernet run on another backbone (``save_hypernet``/``load_hypernet``);
-- the prompt encoder g_w(V) gives the LSTM's initial state, so the prompt conditions every
-  layer's decision (``prompt.kind: none`` replaces it by a learned constant state);
-- the LSTM carries state from group to group, so a layer's decision can depend on what was
-  cut before it (``recurrent: false`` uses a per-group MLP instead, for the ablation);
-- scores start at the group's standardised L1 magnitudes (``magnitude_prior``) so the first
-  masks are close to uniform L1 and search improves from the strongest simple baseline;
-- the hard mask comes from ``budget.Allocator`` each step (budget met exactly), and the
-  backward pass uses the gradient of sigmoid((z - tau_g) / T).
+What is chosen and why (measured on ResNet-18/CIFAR-10, see benchmarks/results/quality_v2.md):
+- **The LSTM reads the network.** Each group's sorted, resampled weight statistics (plus its
+  width, depth and per-channel MACs) form one LSTM step, in execution order; the initial state
+  (h0, c0) = g_w(V) comes from the prompt encoder, so the prompt conditions every decision.
+  Fixed-length inputs are what let one hypernet run on any backbone.
+- **Channel identity.** A sorted summary cannot say *which* channel to keep, so each channel's
+  score is read by one small scorer shared by all layers from that channel's own features
+  (its kernel/BN statistics standardised within the group, its rank, its prior) together with
+  its layer's hidden state h_g. The old design (one linear mapper per group *width*) tied
+  channel i of unrelated layers together and random-walked the scores below their start.
+  A width-agnostic scorer also transfers to backbones of other widths.
+- **Prior + residual.** z = exp(a_g) * prior + b_g + r(features, h_g): (a_g, b_g) from h_g set
+  the layer's allocation, r moves single channels; all start at zero, so the first masks are
+  exactly the prior's through the same allocator, and the search is judged by how far it
+  improves on them. ``prior: taylor`` (data-dependent first-order Taylor scores, globally
+  comparable) starts from the strongest baseline's masks; ``l1`` from near-uniform L1.
+- **Sampled masks.** With deterministic hard masks the straight-through gradient of a kept
+  channel is dL/dm at m=1, which is ~zero-mean noise on a trained network (its scale is
+  already optimal): kept channels random-walk and are swapped for arbitrary ones. Adding
+  logistic noise of scale T to the scores before the allocator (a binary-concrete sample of
+  keep-probability sigmoid((z - tau)/T), budget still exact) lets channels near the threshold
+  be dropped at times; then dL/dm at m=0 measures what they are worth. T anneals, so the
+  sampling fades into the deterministic masks that are evaluated.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 import torch.nn as nn
@@ -29,11 +41,13 @@ from passray.budget import Allocation, Allocator
 from passray.config import HypernetConfig
 from passray.groups import ChannelGroups
 
-__all__ = ["PassHypernet", "PassPruner", "create_pass_pruner", "group_statistics", "load_hypernet", "magnitude_priors", "save_hypernet"]
+__all__ = ["PassHypernet", "PassPruner", "channel_features", "create_pass_pruner", "global_priors", "group_statistics",
+           "load_hypernet", "magnitude_priors", "save_hypernet", "standardised"]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 STATISTICS = ("l1", "l2", "mean", "std", "norm_weight", "norm_bias")
-_EXTRA = ("log_width", "position")
+_EXTRA = ("log_width", "position", "log_channel_macs")
+CHANNEL_FEATURES = tuple(f"{s}_in_group" for s in STATISTICS) + ("l1_rank", "prior")
 
 
 def _per_channel(groups: ChannelGroups, group) -> torch.Tensor:
@@ -61,29 +75,50 @@ def _per_channel(groups: ChannelGroups, group) -> torch.Tensor:
     return sums
 
 
-def group_statistics(groups: ChannelGroups, length: int) -> torch.Tensor:
-    """[G, len(STATISTICS) * length + 2]: sorted per-channel statistics resampled to a fixed length.
+def standardised(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """Zero mean, unit standard deviation along ``dim`` (a constant row becomes zeros)."""
+    return (x - x.mean(dim, keepdim=True)) / x.std(dim, unbiased=False, keepdim=True).clamp(min=1e-8)
 
-    Standardised across the network's groups so the hypernet sees comparable inputs on any backbone.
+
+def group_statistics(groups: ChannelGroups, length: int) -> torch.Tensor:
+    """[G, len(STATISTICS) * length + 3]: the LSTM's input, one row per group.
+
+    Sorted per-channel statistics resampled to a fixed length, log width, relative depth and
+    log MACs per channel, standardised across the network's groups so the hypernet sees
+    comparable inputs on any backbone.
     """
     rows = []
     n = len(groups)
+    per_channel_macs = groups.cost.marginal(groups.cost.widths, "macs").float().cpu()
     for gi, group in enumerate(groups.groups):
         per_channel = _per_channel(groups, group).sort(dim=1).values
         resampled = F.interpolate(per_channel[None], size=length, mode="linear", align_corners=True)[0]
-        extra = torch.tensor([torch.log2(torch.tensor(float(group.width))).item(), gi / max(n - 1, 1)])
+        extra = torch.tensor([float(group.width), 1.0 + gi / max(n - 1, 1), float(per_channel_macs[gi]) + 1.0]).log()
         rows.append(torch.cat([resampled.flatten(), extra]))
-    stats = torch.stack(rows)
-    return (stats - stats.mean(0)) / stats.std(0, unbiased=False).clamp(min=1e-6)
+    return standardised(torch.stack(rows), dim=0)
 
 
 def magnitude_priors(groups: ChannelGroups) -> list[torch.Tensor]:
     """Per-group z-scored L1 magnitudes: equal distributions per group, so global ~ uniform L1."""
-    priors = []
-    for group in groups.groups:
-        l1 = _per_channel(groups, group)[0]
-        priors.append((l1 - l1.mean()) / l1.std(unbiased=False).clamp(min=1e-8))
-    return priors
+    return [standardised(_per_channel(groups, group)[0]) for group in groups.groups]
+
+
+def global_priors(scores: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Scores made comparable as log values z-scored over *all* channels: the global ranking (and so
+    the allocator's masks) is the scores' own, the scale is what the hypernet's residual adds to."""
+    flat = torch.cat([s.float().clamp(min=0) for s in scores])
+    logs = (flat + 1e-3 * flat.mean().clamp(min=1e-12)).log()
+    return list(standardised(logs).split([len(s) for s in scores]))
+
+
+def channel_features(groups: ChannelGroups, priors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """[sum of widths, len(CHANNEL_FEATURES)]: what the scorer reads about each channel."""
+    rows = []
+    for group, prior in zip(groups.groups, priors):
+        stats = _per_channel(groups, group)
+        rank = stats[0].argsort().argsort().float() / max(group.width - 1, 1)
+        rows.append(torch.cat([standardised(stats, dim=1), rank[None], prior.float()[None]]).T)
+    return torch.cat(rows)
 
 
 class _PromptEncoder(nn.Module):
@@ -102,18 +137,20 @@ class _PromptEncoder(nn.Module):
 
 
 class PassHypernet(nn.Module):
-    """theta + w: statistics [G, D] (+ prompt) -> one score vector per group.
+    """theta + w: group statistics [G, D], channel features [N, F] (+ prompt) -> scores [N].
 
-    Mappers exist per group width (``"64"``, ``"128"``, ...); groups of one width share one.
+    Nothing in it depends on the backbone's widths: one hypernet scores any backbone whose
+    statistics have its ``stats_dim``.
     """
 
-    def __init__(self, stats_dim: int, widths: list[int], hidden_size: int = 64, recurrent: bool = True,
-                 use_prompt: bool = True, stats_length: int = 16, embed_dim: int = 64) -> None:
+    def __init__(self, stats_dim: int, hidden_size: int = 64, recurrent: bool = True, use_prompt: bool = True,
+                 stats_length: int = 16, embed_dim: int = 64, scorer_size: int = 32, prior: str = "l1") -> None:
         super().__init__()
         self.spec: dict[str, Any] = dict(
-            stats_dim=stats_dim, widths=sorted(set(int(w) for w in widths)), hidden_size=hidden_size,
-            recurrent=recurrent, use_prompt=use_prompt, stats_length=stats_length, embed_dim=embed_dim,
-            statistics=list(STATISTICS) + list(_EXTRA), schema_version=SCHEMA_VERSION)
+            stats_dim=stats_dim, hidden_size=hidden_size, recurrent=recurrent, use_prompt=use_prompt,
+            stats_length=stats_length, embed_dim=embed_dim, scorer_size=scorer_size, prior=prior,
+            statistics=list(STATISTICS) + list(_EXTRA), channel_features=list(CHANNEL_FEATURES),
+            schema_version=SCHEMA_VERSION)
         self.embed = nn.Sequential(nn.Linear(stats_dim, embed_dim), nn.ReLU())
         if use_prompt:
             self.encoder = _PromptEncoder(hidden_size)
@@ -123,18 +160,13 @@ class PassHypernet(nn.Module):
             self.cell = nn.LSTM(embed_dim, hidden_size)
         else:
             self.cell = nn.Sequential(nn.Linear(embed_dim + hidden_size, hidden_size), nn.Tanh())
-        self.group_head = nn.Linear(hidden_size, 2)  # per-group shift and log-gain of the prior
-        self.mappers = nn.ModuleDict({str(w): nn.Linear(hidden_size, w) for w in self.spec["widths"]})
-        for layer in [self.group_head, *self.mappers.values()]:
-            nn.init.normal_(layer.weight, std=0.01)
+        self.group_head = nn.Linear(hidden_size, 2)  # per-group log-gain of the prior and shift
+        self.scorer_channel = nn.Linear(len(CHANNEL_FEATURES), scorer_size)
+        self.scorer_layer = nn.Linear(hidden_size, scorer_size, bias=False)
+        self.scorer_out = nn.Linear(scorer_size, 1)
+        for layer in (self.group_head, self.scorer_out):  # zero residual at the start: masks = the prior's
+            nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
-        self._index_cache: dict[tuple, dict[int, tuple[list[int], torch.Tensor]]] = {}
-
-    def check_widths(self, widths: list[int]) -> None:
-        missing = sorted(set(widths) - set(self.spec["widths"]))
-        if missing:
-            raise ValueError(f"hypernet has no mapper for group widths {missing} (it covers {self.spec['widths']}); "
-                             "it was trained for a different backbone")
 
     def _initial_state(self, prompt: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         if self.spec["use_prompt"]:
@@ -152,76 +184,114 @@ class PassHypernet(nn.Module):
             return out[:, 0, :]
         return self.cell(torch.cat([e, h0.expand(len(e), -1)], dim=1))
 
-    def _members_by_width(self, widths: list[int], device: torch.device) -> dict[int, tuple[list[int], torch.Tensor]]:
-        """Groups of each width, with their index tensor made once per device: indexing with a Python
-        list copies it to the GPU on every step, and that copy waits for the GPU (a host sync)."""
-        key = (tuple(widths), str(device))
-        if key not in self._index_cache:
-            by_width: dict[int, list[int]] = {}
-            for gi, w in enumerate(widths):
-                by_width.setdefault(w, []).append(gi)
-            self._index_cache[key] = {w: (m, torch.tensor(m, device=device)) for w, m in by_width.items()}
-        return self._index_cache[key]
-
-    def forward(self, stats: torch.Tensor, widths: list[int], priors: list[torch.Tensor],
-                prompt: torch.Tensor | None = None) -> list[torch.Tensor]:
+    def forward(self, stats: torch.Tensor, features: torch.Tensor, group_index: torch.Tensor,
+                prompt: torch.Tensor | None = None) -> torch.Tensor:
+        """Scores of all channels of all groups, flat ([N], groups one after another)."""
         h = self.hidden_states(stats, prompt)
-        shift, log_gain = self.group_head(h).unbind(dim=1)
-        scores: list[torch.Tensor | None] = [None] * len(widths)
-        for w, (members, index) in self._members_by_width(widths, h.device).items():
-            per_channel = self.mappers[str(w)](h.index_select(0, index))  # [n, w], one matmul per width
-            for row, gi in enumerate(members):
-                scores[gi] = per_channel[row] + shift[gi] + torch.exp(log_gain[gi]) * priors[gi]
-        return scores
+        log_gain, shift = self.group_head(h).index_select(0, group_index).unbind(dim=1)
+        hidden = torch.relu(self.scorer_channel(features) + self.scorer_layer(h).index_select(0, group_index))
+        residual = self.scorer_out(hidden).squeeze(1)
+        return torch.exp(log_gain) * features[:, -1] + shift + residual
+
+
+class _BudgetProjectedMask(torch.autograd.Function):
+    """Hard masks forward; backward, the sigmoid straight-through gradient projected onto score moves
+    that keep the (soft) budget constant.
+
+    The allocator re-balances any score change to meet the budget exactly, so a gradient that
+    raises every group's scores (every dropped channel would help a little) only says *where* to
+    spend, and summed over a wide group it says so loudest. Removing its component along the
+    budget direction leaves the exchange: keep channel c instead of others worth its cost.
+    """
+
+    @staticmethod
+    def forward(ctx, z: torch.Tensor, tau: torch.Tensor, hard: torch.Tensor, cost: torch.Tensor,
+                temperature: float) -> torch.Tensor:
+        soft = torch.sigmoid((z - tau) / temperature)
+        ctx.save_for_backward(soft * (1 - soft) / temperature, cost)
+        return hard.to(z.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        slope, cost = ctx.saved_tensors
+        w2 = slope * slope
+        lam = (w2 * cost * grad).sum() / (w2 * cost * cost).sum().clamp(min=1e-30)
+        return slope * (grad - lam * cost), None, None, None, None
 
 
 class PassPruner(nn.Module):
-    """A hypernet bound to one backbone's groups: prompt -> straight-through masks meeting the budget."""
+    """A hypernet bound to one backbone's groups: prompt -> straight-through masks meeting the budget.
+
+    ``priors`` default to per-group z-scored L1 magnitudes; ``sample`` draws training masks from the
+    noisy scores (see the module docstring). Noise is seeded by step, so DDP ranks agree.
+    """
 
     def __init__(self, hypernet: PassHypernet, groups: ChannelGroups, allocator: Allocator,
-                 magnitude_prior: bool = True, temperature: float = 0.5) -> None:
+                 priors: Sequence[torch.Tensor] | None = None, temperature: float = 0.5, sample: bool = False,
+                 seed: int = 0, project: bool = True) -> None:
         super().__init__()
-        hypernet.check_widths(groups.widths)
         self.hypernet = hypernet
         self.allocator = allocator
         self.widths = groups.widths
         self.temperature = temperature
-        self.register_buffer("stats", group_statistics(groups, hypernet.spec["stats_length"]), persistent=False)
-        if self.stats.shape[1] != hypernet.spec["stats_dim"]:
-            raise ValueError(f"hypernet expects {hypernet.spec['stats_dim']} statistics per group, got {self.stats.shape[1]}")
-        priors = magnitude_priors(groups) if magnitude_prior else [torch.zeros(w) for w in self.widths]
-        for gi, prior in enumerate(priors):
-            self.register_buffer(f"prior_{gi}", prior, persistent=False)
+        self.sample = sample
+        self.project = project
+        self.seed, self.step = seed, 0
+        stats = group_statistics(groups, hypernet.spec["stats_length"])
+        if stats.shape[1] != hypernet.spec["stats_dim"]:
+            raise ValueError(f"hypernet expects {hypernet.spec['stats_dim']} statistics per group, got {stats.shape[1]} "
+                             f"(it was made with another statistics spec)")
+        priors = magnitude_priors(groups) if priors is None else list(priors)
+        self.register_buffer("stats", stats, persistent=False)
+        self.register_buffer("features", channel_features(groups, priors), persistent=False)
+        index = torch.repeat_interleave(torch.arange(len(self.widths)), torch.tensor(self.widths))
+        self.register_buffer("group_index", index, persistent=False)
         self.last: Allocation | None = None
 
-    def priors(self) -> list[torch.Tensor]:
-        return [getattr(self, f"prior_{gi}") for gi in range(len(self.widths))]
+    def scores(self, prompt: torch.Tensor | None) -> torch.Tensor:
+        return self.hypernet(self.stats, self.features, self.group_index, prompt)
 
-    def scores(self, prompt: torch.Tensor | None) -> list[torch.Tensor]:
-        return self.hypernet(self.stats, self.widths, self.priors(), prompt)
+    def _noise(self, like: torch.Tensor) -> torch.Tensor:
+        generator = torch.Generator(device=like.device)
+        generator.manual_seed(self.seed * 1_000_003 + self.step)
+        u = torch.rand(like.shape, generator=generator, device=like.device).clamp_(1e-6, 1 - 1e-6)
+        return (u.log() - (-u).log1p()) * self.temperature  # logistic(0, T)
 
     def forward(self, prompt: torch.Tensor | None) -> list[torch.Tensor]:
-        scores = self.scores(prompt)
-        allocation = self.allocator(scores)
+        with torch.autocast(self.stats.device.type, enabled=False):  # bf16 scores would tie and reorder channels
+            return self._masks(self.scores(None if prompt is None else prompt.float()))
+
+    def _masks(self, z: torch.Tensor) -> list[torch.Tensor]:
+        if self.sample and self.training:
+            z = z + self._noise(z)
+            self.step += 1
+        allocation = self.allocator(list(z.split(self.widths)))
         self.last = allocation
-        masks = []
-        for gi, (z, hard) in enumerate(zip(scores, allocation.masks)):
-            soft = torch.sigmoid((z - allocation.thresholds[gi]) / self.temperature)
-            masks.append(hard + soft - soft.detach())
-        return masks
+        tau = allocation.thresholds.to(z.dtype).index_select(0, self.group_index)
+        if self.project:
+            cost = self.allocator.cost.marginal(allocation.kept, self.allocator.budget.kind)
+            cost = (cost / cost.mean().clamp(min=1e-30)).to(z.dtype).index_select(0, self.group_index)
+            masks = _BudgetProjectedMask.apply(z, tau, torch.cat(allocation.masks), cost, self.temperature)
+        else:
+            soft = torch.sigmoid((z - tau) / self.temperature)
+            masks = torch.cat(allocation.masks) + soft - soft.detach()
+        return list(masks.split(self.widths))
 
     @torch.no_grad()
     def hard_masks(self, prompt: torch.Tensor | None) -> Allocation:
-        return self.allocator(self.scores(prompt))
+        return self.allocator(list(self.scores(prompt).split(self.widths)))
 
 
 def create_pass_pruner(groups: ChannelGroups, cfg: HypernetConfig, allocator: Allocator, use_prompt: bool,
-                       hypernet: PassHypernet | None = None) -> PassPruner:
+                       hypernet: PassHypernet | None = None, priors: Sequence[torch.Tensor] | None = None,
+                       seed: int = 0) -> PassPruner:
     """A pruner for ``groups``: a fresh hypernet sized by ``cfg``, or a given (e.g. transferred) one."""
     if hypernet is None:
         stats_dim = group_statistics(groups, cfg.stats_length).shape[1]
-        hypernet = PassHypernet(stats_dim, groups.widths, cfg.hidden_size, cfg.recurrent, use_prompt, cfg.stats_length)
-    return PassPruner(hypernet, groups, allocator, cfg.magnitude_prior, cfg.temperature)
+        hypernet = PassHypernet(stats_dim, cfg.hidden_size, cfg.recurrent, use_prompt, cfg.stats_length, prior=cfg.prior)
+    if priors is None:
+        priors = magnitude_priors(groups) if cfg.prior == "l1" else [torch.zeros(w) for w in groups.widths]
+    return PassPruner(hypernet, groups, allocator, priors, cfg.temperature, cfg.sample, seed, cfg.project_budget)
 
 
 def save_hypernet(hypernet: PassHypernet, directory: str | Path, extra: dict[str, Any] | None = None) -> Path:
@@ -243,12 +313,13 @@ def load_hypernet(directory: str | Path) -> tuple[PassHypernet, dict[str, Any]]:
             raise FileNotFoundError(f"{path}: missing hypernet file")
     try:
         spec = json.loads(config_path.read_text())
-        hypernet = PassHypernet(spec["stats_dim"], spec["widths"], spec["hidden_size"], spec["recurrent"],
-                                spec["use_prompt"], spec["stats_length"], spec["embed_dim"])
-    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        if spec.get("schema_version") != SCHEMA_VERSION:
+            raise ValueError(f"{config_path}: schema_version {spec.get('schema_version')} != {SCHEMA_VERSION} "
+                             "(made by another passray version)")
+        hypernet = PassHypernet(spec["stats_dim"], spec["hidden_size"], spec["recurrent"], spec["use_prompt"],
+                                spec["stats_length"], spec["embed_dim"], spec["scorer_size"], spec["prior"])
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as err:
         raise ValueError(f"{config_path}: not a passray hypernet config ({type(err).__name__}: {err})") from None
-    if spec.get("schema_version") != SCHEMA_VERSION:
-        raise ValueError(f"{config_path}: schema_version {spec.get('schema_version')} != {SCHEMA_VERSION}")
     try:
         state = load_file(str(weights_path))
         hypernet.load_state_dict(state, strict=True)

@@ -30,7 +30,7 @@ from passray.config import Config, OptimConfig
 from passray.data import load_dataset, make_loaders
 from passray.export import (build_groups, check_equivalence, exact_fp32, masks_from_structure, measure, save_pruned,
                             structure_record)
-from passray.hypernet import PassHypernet, create_pass_pruner
+from passray.hypernet import PassHypernet, create_pass_pruner, global_priors
 from passray.importance import compute_scores
 from passray.latency import LatencyCostModel, attach, measure_speedup
 from passray.models import backbone_id, classifier, create_backbone
@@ -185,8 +185,11 @@ class _Run:
     def _search_pass(self) -> None:
         cfg = self.cfg
         backbone = self.net.backbone
+        taylor = self._shared_scores("taylor")  # the strongest baseline: a prior, and a reference to compare with
+        priors = global_priors(taylor) if cfg.hypernet.prior == "taylor" else None
         pruner = create_pass_pruner(self.groups, cfg.hypernet, self.allocator, self.net.prompt.enabled,
-                                    self.rt.hypernet).to(self.device)
+                                    self.rt.hypernet, priors, cfg.seed).to(self.device)
+        reference = self._kept(self.allocator(taylor).masks)
         self.hypernet = pruner.hypernet
         if self.restored is not None and "hypernet" in self.restored:
             self.hypernet.load_state_dict(self.restored["hypernet"])
@@ -196,12 +199,18 @@ class _Run:
             masks = pruner.hard_masks(self.net.prompt.tensor()).masks
             initial = self._masked_val(masks)
             self.meta["results"]["initial_masked_val_accuracy"] = initial["accuracy"]
+            self.meta["initial_masks"] = self._kept(masks)
             best.update(accuracy=initial["accuracy"], masks=self._kept(masks), trained=self._snapshot(head))
         total = max(cfg.search.epochs * len(self.loaders.train), 1)
         t0, t1 = cfg.hypernet.temperature, cfg.hypernet.temperature_final or cfg.hypernet.temperature
 
+        prior_masks = pruner.hard_masks(self.net.prompt.tensor()).masks
+
         def start_epoch(epoch: int) -> None:
-            self.net.attach(self.groups, pruner)
+            if epoch < cfg.hypernet.warmup_epochs:  # head (and prompt) only, under the prior's masks
+                self.net.fix_masks(prior_masks)
+            else:
+                self.net.attach(self.groups, pruner)
             if cfg.hypernet.batch_norm == "frozen":
                 for m in self.net.backbone.modules():
                     if isinstance(m, nn.modules.batchnorm._BatchNorm):
@@ -213,12 +222,15 @@ class _Run:
         def masked_eval() -> dict[str, float]:
             allocation = pruner.hard_masks(self.net.prompt.tensor())
             out = self._masked_val(allocation.masks)
+            kept = self._kept(allocation.masks)
             if out["accuracy"] > best["accuracy"] or cfg.hypernet.keep == "last":
-                best.update(accuracy=out["accuracy"], masks=self._kept(allocation.masks), trained=self._snapshot(head))
-            if cfg.budget.kind == "macs":
-                return {**out, "macs_ratio": float(allocation.ratio)}
-            return {**out, f"{cfg.budget.kind}_ratio": float(allocation.ratio),
-                    "macs_ratio": self.groups.cost_ratio(allocation.masks, "macs")}
+                best.update(accuracy=out["accuracy"], masks=kept, trained=self._snapshot(head))
+            out.update(mask_overlap_initial=_overlap(kept, self.meta["initial_masks"]),
+                       mask_overlap_taylor=_overlap(kept, reference), kept_per_group=[len(k) for k in kept],
+                       macs_ratio=self.groups.cost_ratio(allocation.masks, "macs"))
+            if cfg.budget.kind != "macs":
+                out[f"{cfg.budget.kind}_ratio"] = float(allocation.ratio)
+            return out
 
         self.hypernet.requires_grad_(not self.rt.freeze_hypernet)
         params = [{"params": list(self.hypernet.parameters()), "lr": cfg.hypernet.lr or cfg.search.lr},
@@ -234,6 +246,17 @@ class _Run:
         self.net.prompt.load_state_dict(best["trained"]["prompt"])
         self.net.fix_masks(self.masks)
         self.net.backbone.requires_grad_(True)
+
+    def _shared_scores(self, method: str) -> list[torch.Tensor]:
+        """Baseline scores of the dense network, rank 0's on every rank (data-dependent ones differ per
+        shard); BN statistics are left as they were."""
+        with engine.kept_bn_statistics(self.net):
+            scores = [s.to(self.device) for s in compute_scores(method, self.groups, self.net, self.loaders.train,
+                                                                 seed=self.cfg.seed)]
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            for score in scores:
+                torch.distributed.broadcast(score, src=0)
+        return [s.cpu() for s in scores]
 
     def _broadcast_masks(self) -> None:
         """All ranks must prune identically: data-dependent scores (Taylor) differ per shard."""
@@ -397,6 +420,12 @@ class _Run:
         """structure.json + weights.safetensors (+ hypernet/) of the final pruned network."""
         save_pruned(directory, self.net, self.structure, self.hypernet,
                     {"backbone_id": backbone_id(self.cfg.model), "prompt": self.cfg.prompt.model_dump()})
+
+
+def _overlap(a: list[list[int]], b: list[list[int]]) -> float:
+    """Kept channels two structures share, over the channels either keeps (1: the same masks)."""
+    shared = sum(len(set(x) & set(y)) for x, y in zip(a, b))
+    return shared / max(sum(len(set(x) | set(y)) for x, y in zip(a, b)), 1)
 
 
 def pretrain(cfg: Config, path: str | Path, runtime: Runtime | None = None) -> dict[str, Any]:

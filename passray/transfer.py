@@ -51,7 +51,7 @@ def _aligned(cfg: Config, spec: dict[str, Any]) -> Config:
     prompt = spec.get("prompt", {})
     return validate(apply_overrides(cfg.to_dict(), [
         f"hypernet.hidden_size={spec['hidden_size']}", f"hypernet.recurrent={json.dumps(spec['recurrent'])}",
-        f"hypernet.stats_length={spec['stats_length']}", f"prompt.kind={prompt.get('kind', cfg.prompt.kind)}",
+        f"hypernet.stats_length={spec['stats_length']}", f"hypernet.prior={spec['prior']}", f"prompt.kind={prompt.get('kind', cfg.prompt.kind)}",
         f"prompt.size={prompt.get('size', cfg.prompt.size)}", "method=pass"]))
 
 
@@ -71,7 +71,6 @@ def _check_compatible(cfg: Config, hypernet, structure: dict[str, Any] | None) -
 
     ds = load_dataset(cfg.data)
     groups = build_groups(create_backbone(cfg.model.model_copy(update={"weights": None}), ds.num_classes), ds.image_size)
-    hypernet.check_widths(groups.widths)
     if structure is not None:
         masks_from_structure(structure, groups, source="registered structure")
 
