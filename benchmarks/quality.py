@@ -96,7 +96,7 @@ def base_overrides(args: argparse.Namespace, user: bool = True) -> list[str]:
         common = ["device=auto", "amp=true", "channels_last=true", "data.name=imagefolder",
                   f"data.root={_q(str(Path(args.data).expanduser().resolve()))}", "data.eval_batch_size=2048",
                   f"model.arch={args.arch}", "model.cifar_stem=true", "budget.min_channels=8", "budget.round_to=8",
-                  "bn_recalibration_batches=40"]
+                  "bn_recalibration_batches=40", "hypernet.warmup_epochs=1"]
     return [*common, f"data.batch_size={args.batch_size}", "data.val_fraction=0.1", "data.seed=0", "budget.kind=macs",
             f"pretrain.epochs={args.pretrain_epochs}", f"pretrain.lr={args.pretrain_lr}", "pretrain.label_smoothing=0.1",
             f"search.epochs={args.search_epochs}", "search.lr=0.003", "search.optimizer=adamw", "search.weight_decay=0.0",
@@ -231,8 +231,6 @@ def row_overrides(args: argparse.Namespace, setting: str, row: str, target: floa
     spec, st = ROWS[row], SETTINGS[setting]
     head_epochs = 0 if spec.is_pass else args.search_epochs  # the head training PASS's search gives its head
     extra = [] if st.prune_classes is None else [f"data.classes={_q(st.prune_classes)}"]
-    if spec.is_pass and st.new_head:  # a random head would steer the first hypernet steps
-        extra.append("hypernet.warmup_epochs=1")
     return [*base_overrides(args, user=False), *extra, f"method={spec.method}",
             f"budget.allocation={spec.allocation}", f"budget.keep_ratio={target}", f"seed={seed}",
             f"model.weights={_q(str(weights))}", "pretrain.epochs=0", f"head_epochs={head_epochs}",

@@ -194,7 +194,15 @@ class PassHypernet(nn.Module):
         return torch.exp(log_gain) * features[:, -1] + shift + residual
 
 
-class _BudgetProjectedMask(torch.autograd.Function):
+# A dropped channel passes this fraction of its output during search. Gates sit before the
+# activation, and ReLU'(0) = 0: with an exact zero no gradient ever reaches a dropped channel's
+# mask, so search could only ever drop channels, never learn to bring one back. With a tiny leak
+# the gradient is the loss's sensitivity to adding the channel's activation back, and the forward
+# pass differs from the hard-masked network by 1e-4 of the dropped channels' outputs.
+_LEAK = 1e-4
+
+
+class _MaskGradient(torch.autograd.Function):
     """Hard masks forward; backward, the sigmoid straight-through gradient projected onto score moves
     that keep the (soft) budget constant.
 
@@ -206,17 +214,22 @@ class _BudgetProjectedMask(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, z: torch.Tensor, tau: torch.Tensor, hard: torch.Tensor, cost: torch.Tensor,
-                temperature: float) -> torch.Tensor:
+                temperature: float, dropped_only: bool) -> torch.Tensor:
         soft = torch.sigmoid((z - tau) / temperature)
-        ctx.save_for_backward(soft * (1 - soft) / temperature, cost)
-        return hard.to(z.dtype)
+        ctx.save_for_backward(soft * (1 - soft) / temperature, cost, hard)
+        ctx.dropped_only = dropped_only
+        return (hard + _LEAK * (1 - hard)).to(z.dtype)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        slope, cost = ctx.saved_tensors
+        slope, cost, hard = ctx.saved_tensors
+        if ctx.dropped_only:
+            grad = grad * (hard < 0.5)
         w2 = slope * slope
-        lam = (w2 * cost * grad).sum() / (w2 * cost * cost).sum().clamp(min=1e-30)
-        return slope * (grad - lam * cost), None, None, None, None
+        if cost is not None:
+            lam = (w2 * cost * grad).sum() / (w2 * cost * cost).sum().clamp(min=1e-30)
+            grad = grad - lam * cost
+        return slope * grad, None, None, None, None, None
 
 
 class PassPruner(nn.Module):
@@ -228,7 +241,7 @@ class PassPruner(nn.Module):
 
     def __init__(self, hypernet: PassHypernet, groups: ChannelGroups, allocator: Allocator,
                  priors: Sequence[torch.Tensor] | None = None, temperature: float = 0.5, sample: bool = False,
-                 seed: int = 0, project: bool = True) -> None:
+                 seed: int = 0, project: bool = True, estimator: str = "dropped") -> None:
         super().__init__()
         self.hypernet = hypernet
         self.allocator = allocator
@@ -236,6 +249,7 @@ class PassPruner(nn.Module):
         self.temperature = temperature
         self.sample = sample
         self.project = project
+        self.estimator = estimator
         self.seed, self.step = seed, 0
         stats = group_statistics(groups, hypernet.spec["stats_length"])
         if stats.shape[1] != hypernet.spec["stats_dim"]:
@@ -268,13 +282,12 @@ class PassPruner(nn.Module):
         allocation = self.allocator(list(z.split(self.widths)))
         self.last = allocation
         tau = allocation.thresholds.to(z.dtype).index_select(0, self.group_index)
+        cost = None
         if self.project:
             cost = self.allocator.cost.marginal(allocation.kept, self.allocator.budget.kind)
             cost = (cost / cost.mean().clamp(min=1e-30)).to(z.dtype).index_select(0, self.group_index)
-            masks = _BudgetProjectedMask.apply(z, tau, torch.cat(allocation.masks), cost, self.temperature)
-        else:
-            soft = torch.sigmoid((z - tau) / self.temperature)
-            masks = torch.cat(allocation.masks) + soft - soft.detach()
+        masks = _MaskGradient.apply(z, tau, torch.cat(allocation.masks), cost, self.temperature,
+                                    self.estimator == "dropped")
         return list(masks.split(self.widths))
 
     @torch.no_grad()
@@ -291,7 +304,8 @@ def create_pass_pruner(groups: ChannelGroups, cfg: HypernetConfig, allocator: Al
         hypernet = PassHypernet(stats_dim, cfg.hidden_size, cfg.recurrent, use_prompt, cfg.stats_length, prior=cfg.prior)
     if priors is None:
         priors = magnitude_priors(groups) if cfg.prior == "l1" else [torch.zeros(w) for w in groups.widths]
-    return PassPruner(hypernet, groups, allocator, priors, cfg.temperature, cfg.sample, seed, cfg.project_budget)
+    return PassPruner(hypernet, groups, allocator, priors, cfg.temperature, cfg.sample, seed, cfg.project_budget,
+                      cfg.estimator)
 
 
 def save_hypernet(hypernet: PassHypernet, directory: str | Path, extra: dict[str, Any] | None = None) -> Path:

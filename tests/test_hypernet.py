@@ -16,25 +16,41 @@ from passray.network import PrunableNet
 from passray.prompts import VisualPrompt
 
 
-def _setup(arch: str = "resnet18", prompt_kind: str = "pad", recurrent: bool = True, keep: float = 0.5):
+def _setup(arch: str = "resnet18", prompt_kind: str = "pad", recurrent: bool = True, keep: float = 0.5, **pruner_kw):
     torch.manual_seed(0)
     backbone = create_backbone(ModelConfig(arch=arch), num_classes=10)
     groups = build_groups(backbone, 32)
     stats = group_statistics(groups, 8)
-    hypernet = PassHypernet(stats.shape[1], groups.widths, hidden_size=16, recurrent=recurrent,
-                            use_prompt=prompt_kind != "none", stats_length=8)
-    pruner = PassPruner(hypernet, groups, Allocator(groups.cost, BudgetConfig(keep_ratio=keep)))
+    hypernet = PassHypernet(stats.shape[1], hidden_size=16, recurrent=recurrent, use_prompt=prompt_kind != "none",
+                            stats_length=8)
+    pruner = PassPruner(hypernet, groups, Allocator(groups.cost, BudgetConfig(keep_ratio=keep)), **pruner_kw)
     net = PrunableNet(backbone, VisualPrompt(prompt_kind, 4, 32))
     net.attach(groups, pruner)
     return net, groups, hypernet, pruner
 
 
-def test_gradients_reach_hypernet_encoder_and_prompt() -> None:
-    net, _, hypernet, _ = _setup("resnet8")
+def _perturb(module: torch.nn.Module, scale: float = 0.1) -> None:
+    """Move every parameter off its initialisation (the learned parts start at zero)."""
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(torch.randn_like(p) * scale)
+
+
+@pytest.mark.parametrize("estimator", ["dropped", "straight_through"])
+def test_gradients_reach_theta_omega_and_prompt(estimator: str) -> None:
+    """After one step off the zero start, the loss reaches the LSTM, the per-channel scorer,
+    the prompt encoder and the prompt, and never the frozen backbone."""
+    net, _, hypernet, _ = _setup("resnet8", estimator=estimator, sample=True)
     net.backbone.requires_grad_(False)
     x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
-    F.cross_entropy(net(x), y).backward()
-    parts = {"theta (LSTM)": hypernet.cell, "theta (mappers)": hypernet.mappers, "omega (encoder)": hypernet.encoder,
+    optimizer = torch.optim.Adam(hypernet.parameters(), lr=0.01)
+    for _ in range(2):
+        optimizer.zero_grad()
+        net.prompt.values.grad = None
+        F.cross_entropy(net(x), y).backward()
+        optimizer.step()
+    parts = {"theta (LSTM)": hypernet.cell, "theta (scorer)": hypernet.scorer_channel,
+             "theta (layer head)": hypernet.group_head, "omega (encoder)": hypernet.encoder,
              "statistics embedding": hypernet.embed}
     for name, module in parts.items():
         grads = [p.grad for p in module.parameters() if p.grad is not None]
@@ -44,6 +60,44 @@ def test_gradients_reach_hypernet_encoder_and_prompt() -> None:
     assert net.prompt.values.grad is not None
     assert torch.isfinite(net.prompt.values.grad).all() and net.prompt.values.grad.abs().sum() > 0
     assert all(p.grad is None for p in net.backbone.parameters())  # backbone stays frozen
+
+
+def test_dropped_channels_receive_gradient_through_relu() -> None:
+    """A gate sits before the activation and ReLU'(0) = 0: the search's masks leak a tiny
+    fraction so that a dropped channel's score still learns what bringing it back is worth."""
+    net, groups, _, pruner = _setup("resnet8", keep=0.3, estimator="dropped", sample=False, project=False)
+    net.backbone.requires_grad_(False)
+    z = pruner.scores(net.prompt.tensor()).detach().requires_grad_(True)
+    masks = pruner._masks(z)
+    groups.set_masks(masks)
+    F.cross_entropy(net.backbone(torch.randn(16, 3, 32, 32)), torch.randint(0, 10, (16,))).backward()
+    dropped = torch.cat(pruner.last.masks) < 0.5
+    inner = [gi for gi, g in enumerate(groups.groups) if g.name.endswith(".conv1")]
+    assert inner, "resnet8 has inner (conv1 -> bn1 -> relu) groups"
+    for gi in inner:
+        start = sum(groups.widths[:gi])
+        sl = slice(start, start + groups.widths[gi])
+        assert dropped[sl].any()
+        assert (z.grad[sl][dropped[sl]] != 0).any(), groups.groups[gi].name
+    assert (z.grad[~dropped] == 0).all()  # dropped estimator: kept channels' own gradients are not used
+    for mask, hard in zip(masks, pruner.last.masks):  # forward is the hard mask up to the 1e-4 leak
+        torch.testing.assert_close(mask.detach(), hard + 1e-4 * (1 - hard))
+
+
+def test_budget_projection_keeps_the_soft_cost_constant() -> None:
+    """The projected gradient moves scores along the budget's level set (first order)."""
+    net, groups, _, pruner = _setup("resnet18", keep=0.3, sample=False, estimator="straight_through")
+    net.backbone.requires_grad_(False)
+    z = pruner.scores(net.prompt.tensor()).detach().requires_grad_(True)
+    groups.set_masks(pruner._masks(z))
+    F.cross_entropy(net.backbone(torch.randn(4, 3, 32, 32)), torch.randint(0, 10, (4,))).backward()
+    allocation = pruner.last
+    tau = allocation.thresholds.index_select(0, pruner.group_index)
+    soft = torch.sigmoid((z.detach() - tau) / pruner.temperature)
+    slope = soft * (1 - soft) / pruner.temperature
+    cost = pruner.allocator.cost.marginal(allocation.kept, "macs").float().index_select(0, pruner.group_index)
+    change = (slope * cost * z.grad).sum() / (slope * cost).abs().mul(z.grad.abs()).sum()
+    assert z.grad.abs().sum() > 0 and abs(float(change)) < 1e-4
 
 
 def test_every_search_step_meets_the_budget() -> None:
@@ -64,11 +118,13 @@ def test_every_search_step_meets_the_budget() -> None:
 @pytest.mark.parametrize("recurrent", [True, False])
 def test_lstm_carries_state_across_groups(recurrent: bool) -> None:
     _, groups, hypernet, pruner = _setup("resnet18", recurrent=recurrent)
+    _perturb(hypernet)
     prompt = torch.randn(3, 32, 32)
     stats = pruner.stats.clone()
-    before = hypernet(stats, pruner.widths, pruner.priors(), prompt)
+    score = lambda s: hypernet(s, pruner.features, pruner.group_index, prompt).split(pruner.widths)  # noqa: E731
+    before = score(stats)
     stats[1] += 3.0  # change group 1's statistics only
-    after = hypernet(stats, pruner.widths, pruner.priors(), prompt)
+    after = score(stats)
     assert not torch.allclose(before[1], after[1])
     changed_later = not torch.allclose(before[5], after[5])
     assert changed_later == recurrent
@@ -76,16 +132,41 @@ def test_lstm_carries_state_across_groups(recurrent: bool) -> None:
 
 def test_prompt_conditions_the_scores() -> None:
     _, _, hypernet, pruner = _setup("resnet8")
-    a = hypernet(pruner.stats, pruner.widths, pruner.priors(), torch.zeros(3, 32, 32))
-    b = hypernet(pruner.stats, pruner.widths, pruner.priors(), torch.ones(3, 32, 32))
-    assert any(not torch.allclose(x, y) for x, y in zip(a, b))
+    _perturb(hypernet)
+    a = hypernet(pruner.stats, pruner.features, pruner.group_index, torch.zeros(3, 32, 32))
+    b = hypernet(pruner.stats, pruner.features, pruner.group_index, torch.ones(3, 32, 32))
+    assert not torch.allclose(a, b)
+
+
+def test_first_masks_are_the_priors_masks() -> None:
+    """The learned parts start at zero: search starts exactly from the prior through the same allocator."""
+    _, groups, _, pruner = _setup("resnet18", keep=0.25)
+    scores = [torch.rand(w) for w in groups.widths]
+    from passray.hypernet import global_priors
+
+    bound = PassPruner(pruner.hypernet, groups, pruner.allocator, global_priors(scores))
+    expected = pruner.allocator(scores).masks
+    assert all(torch.equal(a, b) for a, b in zip(bound.hard_masks(torch.zeros(3, 32, 32)).masks, expected))
+
+
+def test_sampled_masks_meet_the_budget_and_agree_across_ranks() -> None:
+    """Noise is seeded by (seed, step): two pruners in lockstep (DDP ranks) draw the same masks."""
+    _, groups, _, a = _setup("resnet18", keep=0.3, sample=True, seed=3)
+    _, _, _, b = _setup("resnet18", keep=0.3, sample=True, seed=3)
+    prompt = torch.zeros(3, 32, 32)
+    first = [m.detach() for m in a(prompt)]
+    assert all(torch.equal(x, y.detach()) for x, y in zip(first, b(prompt)))
+    second = [m.detach() for m in a(prompt)]
+    assert any(not torch.equal(x, y) for x, y in zip(first, second))  # a new draw each step
+    for masks in (first, second):
+        assert 0.3 * 0.99 <= groups.cost_ratio(masks) <= 0.3
+    a.eval()
+    assert all(torch.equal(x.detach() > 0.5, y > 0.5) for x, y in zip(a(prompt), a.hard_masks(prompt).masks))
 
 
 def test_round_trip_gives_identical_masks(tmp_path) -> None:
     net, groups, hypernet, pruner = _setup("resnet18")
-    with torch.no_grad():
-        for p in hypernet.parameters():
-            p.add_(torch.randn_like(p) * 0.1)  # not the initialisation
+    _perturb(hypernet)
     prompt = torch.randn(3, 32, 32)
     expected = pruner.hard_masks(prompt).masks
     save_hypernet(hypernet, tmp_path / "hypernet")
@@ -95,13 +176,23 @@ def test_round_trip_gives_identical_masks(tmp_path) -> None:
     assert all(torch.equal(a, b) for a, b in zip(expected, again))
 
 
-def test_loading_onto_a_backbone_with_other_widths_fails(tmp_path) -> None:
+def test_a_hypernet_scores_a_backbone_of_other_widths(tmp_path) -> None:
+    """Nothing in the hypernet depends on widths: one trained on resnet8 prunes vgg11_bn at budget."""
     _, _, hypernet, _ = _setup("resnet8")
+    _perturb(hypernet)
     save_hypernet(hypernet, tmp_path / "h")
     loaded, _ = load_hypernet(tmp_path / "h")
     groups = build_groups(create_backbone(ModelConfig(arch="vgg11_bn"), 10), 32)
-    with pytest.raises(ValueError, match="no mapper for group widths"):
-        PassPruner(loaded, groups, Allocator(groups.cost, BudgetConfig()))
+    masks = PassPruner(loaded, groups, Allocator(groups.cost, BudgetConfig(keep_ratio=0.4))).hard_masks(
+        torch.zeros(3, 32, 32)).masks
+    assert 0.4 * 0.99 <= groups.cost_ratio(masks) <= 0.4
+
+
+def test_hypernet_of_another_statistics_spec_is_refused(tmp_path) -> None:
+    _, groups, hypernet, _ = _setup("resnet8")
+    other = PassHypernet(hypernet.spec["stats_dim"] + 1, hidden_size=16, stats_length=8)
+    with pytest.raises(ValueError, match="statistics per group"):
+        PassPruner(other, groups, Allocator(groups.cost, BudgetConfig()))
 
 
 def test_tampered_hypernet_is_refused(tmp_path) -> None:
