@@ -213,6 +213,15 @@ class ResultsFile:
         self.data["environment"] = record["environment"]
         self.save()
 
+    def absorb(self, other: "ResultsFile") -> None:
+        """Take the rows, invocations and backbones of a file made under the same protocol
+        (e.g. one per process of a GPU command that ran several at once)."""
+        if other.data.get("protocol") is None:
+            raise ValueError(f"{other.path}: records no protocol")
+        self._check_protocol(other.data["protocol"])
+        self.data = self._merge(self.data, {k: v for k, v in other.data.items() if k != "summary"})
+        self.save()
+
     def add(self, row: dict[str, Any]) -> None:
         self.rows.append(row)
         self.save()

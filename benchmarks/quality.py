@@ -77,6 +77,7 @@ SMOKE = dict(methods=["pass", "uniform_l1"], targets=[0.5], seeds=[0], setting=[
              pretrain_epochs=1, pretrain_lr=0.1, search_epochs=1, finetune_epochs=1, batch_size=64)
 FULL = dict(methods=list(ROWS), targets=[0.5, 0.25], seeds=[0, 1, 2], setting=["all", "shifted"],
             pretrain_epochs=40, pretrain_lr=0.4, search_epochs=8, finetune_epochs=5, batch_size=512)
+KEY_FIELDS = ["setting", "row", "target", "seed"]  # with the protocol (which names the backbone), what makes a row
 PLOT_RESERVE_S = 15.0  # summary + plot at the end of a budgeted command
 
 
@@ -259,7 +260,7 @@ def run_row(args: argparse.Namespace, setting: str, row: str, target: float, see
     return {
         "setting": setting, "row": row, "method": spec.method, "allocation": spec.allocation,
         "prompt": cfg.prompt.kind if spec.is_pass else None, "recurrent": cfg.hypernet.recurrent if spec.is_pass else None,
-        "target": target, "seed": seed, "head_epochs": cfg.head_epochs,
+        "target": target, "seed": seed, "arch": cfg.model.arch, "budget_kind": cfg.budget.kind, "head_epochs": cfg.head_epochs,
         "macs_ratio": out["macs_ratio"], "params_ratio": out["params_ratio"],
         "pruned_macs": out["pruned_macs"], "dense_macs": out["dense_macs"], "pruned_params": out.get("pruned_params"),
         "test_before_ft": out["test_accuracy_before_finetune"], "val_before_ft": out["val_accuracy_before_finetune"],
@@ -423,6 +424,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="start no pretraining or row that would end after this many seconds from launch")
     p.add_argument("--smoke", action="store_true", help="CPU, digits, tiny convnet, 1 epoch per stage, pass + uniform_l1")
     p.add_argument("--summarise", action="store_true", help="only rebuild summary, table and plot from --results")
+    p.add_argument("--merge", nargs="+", metavar="FILE",
+                   help="add the rows of results files made under the same protocol (e.g. one per process) to --results, then summarise")
     p.add_argument("--debug", action="store_true", help="full tracebacks")
     args = p.parse_args(argv)
     defaults = SMOKE if args.smoke else FULL
@@ -433,7 +436,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.results = (str(Path(tempfile.mkdtemp(prefix="passray-quality-")) / "quality.json") if args.smoke
                         else str(REPO / "benchmarks" / "results" / "quality.json"))
     args.workdir = args.workdir or str(Path(args.results).parent / "work")
-    if not (args.smoke or args.summarise or args.data):
+    if not (args.smoke or args.summarise or args.merge or args.data):
         p.error("--data is required (the CIFAR-10 ImageFolder tarball), unless --smoke or --summarise")
     return args
 
@@ -483,15 +486,19 @@ def _stopped(failures: list[str], what: str, left: int, budget: TimeBudget) -> l
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.summarise:
-        if not Path(args.results).is_file():
+    if args.summarise or args.merge:
+        if not args.merge and not Path(args.results).is_file():
             raise FileNotFoundError(f"--summarise: no results file at {args.results}")
-        results = ResultsFile(args.results, "quality", ["setting", "row", "target", "seed"])
+        results = ResultsFile(args.results, "quality", KEY_FIELDS)
+        for path in args.merge or []:
+            if not Path(path).is_file():
+                raise FileNotFoundError(f"--merge: no results file at {path}")
+            results.absorb(ResultsFile(path, "quality", KEY_FIELDS))
         finish(results)
         return 0
     settings = gpu_settings()
     budget = TimeBudget(args.time_budget, reserve=PLOT_RESERVE_S)
-    results = ResultsFile(args.results, "quality", ["setting", "row", "target", "seed"], protocol(args))
+    results = ResultsFile(args.results, "quality", KEY_FIELDS, protocol(args))
     results.start_invocation(settings)
     cached_datasets.install()
     if args.pretrain_only:

@@ -25,6 +25,7 @@ from passray.hypernet import PassHypernet, save_hypernet
 from passray.models import backbone_id, classifier, create_backbone
 from passray.network import PrunableNet
 from passray.prompts import VisualPrompt
+from passray.search_plot import plot_search
 
 __all__ = ["STRUCTURE_VERSION", "atomic_directory", "exact_fp32", "build_groups", "check_equivalence", "load_pruned",
            "masks_from_structure", "measure", "save_pruned", "structure_record"]
@@ -106,6 +107,7 @@ def save_pruned(directory: str | Path, net: PrunableNet, structure: dict[str, An
         (tmp / "structure.json").write_text(json.dumps(structure, indent=1))
         if hypernet is not None:
             save_hypernet(hypernet, tmp / "hypernet", hypernet_extra)
+        plot_search(structure, tmp / "search.png")
     return Path(directory)
 
 

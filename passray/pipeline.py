@@ -190,6 +190,7 @@ class _Run:
         pruner = create_pass_pruner(self.groups, cfg.hypernet, self.allocator, self.net.prompt.enabled,
                                     self.rt.hypernet, priors, cfg.seed).to(self.device)
         reference = self._kept(self.allocator(taylor).masks)
+        self.meta["taylor_kept"] = [len(k) for k in reference]
         self.hypernet = pruner.hypernet
         if self.restored is not None and "hypernet" in self.restored:
             self.hypernet.load_state_dict(self.restored["hypernet"])
@@ -402,7 +403,7 @@ class _Run:
              "data": {"name": self.cfg.data.name, "classes": self.ds.class_names, "mean": list(self.ds.mean),
                       "std": list(self.ds.std)},
              "macs": {"dense": self.dense_macs, "pruned": results["pruned_macs"]},
-             "results": dict(results), "left_whole": self.groups.left_whole,
+             "results": dict(results), "left_whole": self.groups.left_whole, "search": self._search_record(),
              "pruning_history": self.groups.pruning_history()})
         if self.rt.rank == 0 and self.rt.export_dir is not None:
             self.export(self.rt.export_dir)
@@ -410,6 +411,18 @@ class _Run:
         self.rt.reporter.report({"stage": "done", **results, "step": len(self.meta["history"])}, self._final_checkpoint)
         return {"method": self.cfg.method, "keep_ratio": self.cfg.budget.keep_ratio, **results,
                 "history": list(self.meta["history"])}
+
+    def _search_record(self) -> dict[str, Any] | None:
+        """What the search did, epoch by epoch (drawn into search.png); None without a PASS search."""
+        epochs = [h for h in self.meta["history"] if h.get("stage") == "search" and "mask_overlap_initial" in h]
+        if not epochs:
+            return None
+        results = self.meta["results"]
+        return {"initial_val": results["initial_masked_val_accuracy"], "best_val": results["search_best_val_accuracy"],
+                "val_per_epoch": [h["val_accuracy"] for h in epochs],
+                "overlap_initial": [h["mask_overlap_initial"] for h in epochs],
+                "overlap_taylor": [h["mask_overlap_taylor"] for h in epochs],
+                "kept_per_epoch": [h["kept_per_group"] for h in epochs], "taylor_kept": self.meta["taylor_kept"]}
 
     def _final_checkpoint(self, directory: Path) -> None:
         """Resumable state (stage 'done') and the export, side by side."""

@@ -231,7 +231,7 @@ class Tracker:
         return Path(self.client.download_artifacts(run_id, EXPORT_ARTIFACT_PATH, str(dst)))
 
     def log_export(self, run_id: str, export_dir: str | Path, artifact_path: str = EXPORT_ARTIFACT_PATH) -> None:
-        """structure.json, weights.safetensors, hypernet/ and masks.json under ``export/``.
+        """structure.json, weights.safetensors, hypernet/, search.png (PASS) and masks.json under ``export/``.
 
         ``runs:/<id>/export`` is then an export directory on its own (``download_export``),
         which is what ``passray.registry register RUN_ID`` registers.
@@ -241,7 +241,7 @@ class Tracker:
         if not structure_path.is_file():
             raise FileNotFoundError(f"{structure_path}: missing structure file")
         structure = json.loads(structure_path.read_text())
-        for name in ("structure.json", "weights.safetensors"):
+        for name in ("structure.json", "weights.safetensors", "search.png"):
             if (export_dir / name).is_file():
                 self.client.log_artifact(run_id, str(export_dir / name), artifact_path)
         if (export_dir / "hypernet").is_dir():
