@@ -364,21 +364,22 @@ def plot(summary: list[dict[str, Any]], path: Path) -> bool:
     settings = [s for s in SETTINGS if any(e["setting"] == s for e in summary)]
     if not settings:
         return False
-    fig, axes = plt.subplots(1, len(settings), figsize=(6 * len(settings), 4.5), squeeze=False)
-    for ax, setting in zip(axes[0], settings):
-        for row in ROWS:
-            pts = sorted((e["macs_ratio"]["mean"], e["test_after_ft_final"]["mean"], e["test_after_ft_final"]["std"])
-                         for e in summary if e["setting"] == setting and e["row"] == row
-                         and e["test_after_ft_final"]["mean"] is not None)
-            if pts:
-                xs, ys, es = zip(*pts)
-                ax.errorbar(xs, [100 * y for y in ys], yerr=[100 * e for e in es], marker="o", capsize=3, label=row,
-                            linestyle="-" if ROWS[row].is_pass else "--")
-        ax.set_title(f"setting: {setting}")
-        ax.set_xlabel("achieved MACs / dense MACs")
-        ax.set_ylabel("test accuracy after fine-tuning (%)")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+    metrics = (("test_before_ft", "before fine-tuning"), ("test_after_ft_final", "after fine-tuning"))
+    fig, axes = plt.subplots(len(metrics), len(settings), figsize=(6 * len(settings), 4.2 * len(metrics)), squeeze=False)
+    for (field, when), ax_row in zip(metrics, axes):
+        for ax, setting in zip(ax_row, settings):
+            for row in ROWS:
+                pts = sorted((e["macs_ratio"]["mean"], e[field]["mean"], e[field]["std"])
+                             for e in summary if e["setting"] == setting and e["row"] == row and e[field]["mean"] is not None)
+                if pts:
+                    xs, ys, es = zip(*pts)
+                    ax.errorbar(xs, [100 * y for y in ys], yerr=[100 * e for e in es], marker="o", capsize=3, label=row,
+                                linestyle="-" if ROWS[row].is_pass else "--")
+            ax.set_title(f"setting: {setting}, {when}")
+            ax.set_xlabel("achieved MACs / dense MACs")
+            ax.set_ylabel(f"test accuracy {when} (%)")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)

@@ -1,29 +1,34 @@
 """PASS: a recurrent hypernetwork that maps layer weight statistics and a visual prompt to
 channel scores, and straight-through masks from the shared allocator.
 
-What is chosen and why (measured on ResNet-18/CIFAR-10, see benchmarks/results/quality_v2.md):
+What was chosen and why (H200 probes and the 3-seed table in benchmarks/results/quality_v2.md):
 - **The LSTM reads the network.** Each group's sorted, resampled weight statistics (plus its
   width, depth and per-channel MACs) form one LSTM step, in execution order; the initial state
   (h0, c0) = g_w(V) comes from the prompt encoder, so the prompt conditions every decision.
-  Fixed-length inputs are what let one hypernet run on any backbone.
-- **Channel identity.** A sorted summary cannot say *which* channel to keep, so each channel's
-  score is read by one small scorer shared by all layers from that channel's own features
-  (its kernel/BN statistics standardised within the group, its rank, its prior) together with
-  its layer's hidden state h_g. The old design (one linear mapper per group *width*) tied
-  channel i of unrelated layers together and random-walked the scores below their start.
-  A width-agnostic scorer also transfers to backbones of other widths.
-- **Prior + residual.** z = exp(a_g) * prior + b_g + r(features, h_g): (a_g, b_g) from h_g set
-  the layer's allocation, r moves single channels; all start at zero, so the first masks are
-  exactly the prior's through the same allocator, and the search is judged by how far it
-  improves on them. ``prior: taylor`` (data-dependent first-order Taylor scores, globally
-  comparable) starts from the strongest baseline's masks; ``l1`` from near-uniform L1.
-- **Sampled masks.** With deterministic hard masks the straight-through gradient of a kept
-  channel is dL/dm at m=1, which is ~zero-mean noise on a trained network (its scale is
-  already optimal): kept channels random-walk and are swapped for arbitrary ones. Adding
-  logistic noise of scale T to the scores before the allocator (a binary-concrete sample of
-  keep-probability sigmoid((z - tau)/T), budget still exact) lets channels near the threshold
-  be dropped at times; then dL/dm at m=0 measures what they are worth. T anneals, so the
-  sampling fades into the deterministic masks that are evaluated.
+  Fixed-length inputs let one hypernet run on any backbone.
+- **Channel identity.** A sorted summary cannot say *which* channel to keep, so one small scorer
+  shared by all layers reads each channel's own features (its kernel/BN statistics standardised
+  in its group, its rank, its prior) with its layer's hidden state h_g. The old per-*width*
+  mappers tied channel i of unrelated layers together. Nothing depends on widths: a hypernet
+  scores backbones of any width.
+- **Prior + residual.** z = exp(a_g) * prior + b_g + r(features, h_g), with (a_g, b_g) from h_g
+  (the layer's allocation) and r (single channels); all start at zero, so the first masks are
+  exactly the prior's through the same allocator and the search is judged by what it adds.
+  ``prior: taylor`` starts from the strongest baseline's masks, ``l1`` from near-uniform L1.
+- **The gradient a score gets** (what made the old search fall below its start):
+  1. *Leak.* Gates sit before the activation and ReLU'(0) = 0, so with exact zeros no gradient
+     ever reached a dropped channel: the search could only drop channels. During search a dropped
+     channel passes 1e-4 of its output; its gradient is then what bringing it back is worth.
+  2. *Dropped channels only* (``estimator: dropped``). At m = 1 the gradient of a trained,
+     miscalibrated network says "shrink" for every channel near the logits; straight-through on
+     kept channels collapsed whole stages to the floor within an epoch.
+  3. *Budget projection.* The allocator re-balances any score change to meet the budget, so a
+     push on every dropped channel only says where to spend, loudest in wide groups. The part
+     along the budget direction is removed: what remains is "keep c instead of channels of equal
+     cost". Without it the masks never moved (overlap with the start stayed 1.0).
+  4. *Sampling.* Logistic noise of scale T on the scores before the allocator (budget still
+     exact) drops channels near the threshold at times, so kept ones get measured too; T anneals
+     0.2 -> 0.05 and the sampling fades into the deterministic masks that are evaluated.
 """
 
 from __future__ import annotations

@@ -249,8 +249,8 @@ class _Run:
         self.net.backbone.requires_grad_(True)
 
     def _shared_scores(self, method: str) -> list[torch.Tensor]:
-        """Baseline scores of the dense network, rank 0's on every rank (data-dependent ones differ per
-        shard); BN statistics are left as they were."""
+        """Baseline scores of the dense network (a baseline's, PASS's prior and reference), rank 0's on
+        every rank (data-dependent ones differ per shard); BN statistics are left as they were."""
         with engine.kept_bn_statistics(self.net):
             scores = [s.to(self.device) for s in compute_scores(method, self.groups, self.net, self.loaders.train,
                                                                  seed=self.cfg.seed)]
@@ -260,7 +260,7 @@ class _Run:
         return [s.cpu() for s in scores]
 
     def _broadcast_masks(self) -> None:
-        """All ranks must prune identically: data-dependent scores (Taylor) differ per shard."""
+        """All ranks must prune identically (masks restored or transferred on each rank)."""
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             for mask in self.masks:
                 torch.distributed.broadcast(mask, src=0)
@@ -282,8 +282,7 @@ class _Run:
     def _search_baseline(self) -> None:
         cfg = self.cfg
         if self.masks is None:
-            scores = compute_scores(cfg.method, self.groups, self.net, self.loaders.train, seed=cfg.seed)
-            self.masks = self.allocator(scores).masks
+            self.masks = self.allocator(self._shared_scores(cfg.method)).masks
         self.net.fix_masks(self.masks)
         if cfg.head_epochs:  # same head training PASS's search gives its head, for a fair comparison
             head = self._freeze_all_but_head()

@@ -268,15 +268,16 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     if "://" in cfg.train.storage_path:  # the shared backbone and results are files the driver writes
         raise ConfigError(f"config key 'train.storage_path': passray.tune needs a directory every node mounts "
                           f"(local or NFS), got {cfg.train.storage_path!r}")
+    resume = Path(args.resume).expanduser().resolve() if args.resume else None  # Tuner.restore needs an absolute path
+    if resume is not None and not (resume / "passray_tune.json").is_file():  # before Ray starts: no wait for a typo
+        raise ConfigError(f"--resume {args.resume}: not a passray.tune experiment directory ({resume})")
     uri = resolve_uri(cfg.tracking.uri)
     tracker = Tracker(uri)  # fails here, before any training, if MLflow is unreachable
     ray.init(address=os.environ.get("RAY_ADDRESS"), ignore_reinit_error=True, log_to_driver=False)
     check_tracking_reaches_trials(uri, {n["NodeManagerAddress"] for n in ray.nodes() if n["Alive"]})
     storage = storage_uri(cfg.train.storage_path)
-    exp_dir = Path(args.resume) if args.resume else Path(storage) / cfg.tune.name
-    if args.resume and not (exp_dir / "passray_tune.json").is_file():
-        raise ConfigError(f"--resume {exp_dir}: not a passray.tune experiment directory")
-    if not args.resume and exp_dir.exists():  # a new run never touches an old one
+    exp_dir = resume or Path(storage) / cfg.tune.name
+    if resume is None and exp_dir.exists():  # a new run never touches an old one
         taken = exp_dir
         exp_dir = next(p for i in range(2, 10_000) if not (p := taken.with_name(f"{taken.name}-{i}")).exists())
         cfg = validate(apply_overrides(cfg.to_dict(), [f"tune.name={exp_dir.name}"]))

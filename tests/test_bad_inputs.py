@@ -74,3 +74,13 @@ def test_real_cli_error_exit_code_and_help(tmp_path: Path) -> None:
     assert helped.returncode == 0
     for key in ("budget.keep_ratio", "hypernet.hidden_size", "prompt.kind", "data.root", "train.num_workers"):
         assert key in helped.stdout
+
+
+def test_resume_of_a_missing_experiment_is_refused_before_ray_starts(tmp_path: Path) -> None:
+    """A relative path, as README writes it; the refusal comes before Ray or MLflow start."""
+    out = subprocess.run([sys.executable, "-m", "passray.tune", "--resume", "ray_results/nowhere"], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and "ray_results/nowhere" in lines[0] and "not a passray.tune experiment" in lines[0], lines
+    assert "Ray" not in out.stdout + out.stderr and not (tmp_path / "mlflow.db").exists()

@@ -118,7 +118,7 @@ def test_register_find_load_round_trip(store, scenario):
     saved = load_file(str(scenario["exports"]["a"] / "hypernet" / "model.safetensors"))
     state = hypernet.state_dict()
     assert state.keys() == saved.keys() and all(torch.equal(state[k], saved[k]) for k in saved)
-    assert spec["widths"] == load_hypernet(scenario["exports"]["a"] / "hypernet")[1]["widths"]
+    assert spec == load_hypernet(scenario["exports"]["a"] / "hypernet")[1]
 
     tags = next(e["tags"] for e in registry.find(arch=ARCH, tracking_uri=store) if e["version"] == a["hypernet"]["version"])
     assert tags["dataset"] == "digits" and tags["arch"] == ARCH and tags["method"] == "pass"

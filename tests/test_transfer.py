@@ -77,7 +77,7 @@ def test_zero_shot_keeps_the_hypernet_frozen(registered) -> None:
 
 
 @pytest.mark.parametrize("override,source,needle", [
-    (["model.width=0.5"], "models:/passray-hypernet-convnet@champion", "no mapper for group widths"),
+    (["model.width=0.5"], "models:/passray-hypernet-convnet@champion", "channel groups do not match"),  # mask mode
     ([], "models:/passray-hypernet-convnet@nonexistent", "no alias 'nonexistent'"),
     ([], "models:/passray-hypernet-nonexistent@champion", "unknown registered model"),
 ])

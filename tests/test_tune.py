@@ -185,8 +185,8 @@ def test_resume_finishes_without_rerunning_finished_trials(tmp_path: Path) -> No
         proc.wait()
     first = finished[0]
     done_lines_before = first.read_text().count('"stage": "done"')
-    resumed = subprocess.run([sys.executable, "-m", "passray.tune", "--config", str(path), "--resume", str(exp)],
-                             env=env, capture_output=True, text=True, timeout=900)
+    resumed = subprocess.run([sys.executable, "-m", "passray.tune", "--config", str(path), "--resume", "ray_results/tiny"],
+                             env=env, capture_output=True, text=True, timeout=900, cwd=tmp_path)  # relative, as README shows
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert first.read_text().count('"stage": "done"') == done_lines_before  # not re-run
     rows = json.loads((exp / "results.json").read_text())["trials"]
