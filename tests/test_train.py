@@ -159,10 +159,13 @@ def test_two_workers_match_one_worker_with_double_batch(ray_cluster, tmp_path):
       model; SGD, whose update is linear in the gradient (Adam's first step is ~lr*sign(g),
       which amplifies rounding wherever g is near zero);
     - ``finetune.epochs: 0`` and ``hypernet.keep: last``, so the exported prompt and head are
-      the post-search values (``best`` could pick the initial ones).
+      the post-search values (``best`` could pick the initial ones);
+    - ``hypernet.prior: l1``: a Taylor prior reads rank 0's first batches, which are half of
+      one worker's batch (every rank then uses rank 0's prior, so ranks agree with each other).
     """
     b = 8
-    common = dict(data={"batch_size": b, "limit_train": 2 * b}, hypernet={"batch_norm": "frozen", "keep": "last"},
+    common = dict(data={"batch_size": b, "limit_train": 2 * b},
+                  hypernet={"batch_norm": "frozen", "keep": "last", "prior": "l1"},
                   search={"epochs": 1, "optimizer": "sgd", "lr": 0.5, "weight_decay": 0.0},
                   finetune={"epochs": 0}, bn_recalibration_batches=0)
     from passray.train import fit
