@@ -218,7 +218,7 @@ class _MaskGradient(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, z: torch.Tensor, tau: torch.Tensor, hard: torch.Tensor, cost: torch.Tensor,
+    def forward(ctx, z: torch.Tensor, tau: torch.Tensor, hard: torch.Tensor, cost: torch.Tensor | None,
                 temperature: float, dropped_only: bool) -> torch.Tensor:
         soft = torch.sigmoid((z - tau) / temperature)
         ctx.save_for_backward(soft * (1 - soft) / temperature, cost, hard)
@@ -245,7 +245,7 @@ class PassPruner(nn.Module):
     """
 
     def __init__(self, hypernet: PassHypernet, groups: ChannelGroups, allocator: Allocator,
-                 priors: Sequence[torch.Tensor] | None = None, temperature: float = 0.5, sample: bool = False,
+                 priors: Sequence[torch.Tensor] | None = None, temperature: float = 0.2, sample: bool = False,
                  seed: int = 0, project: bool = True, estimator: str = "dropped") -> None:
         super().__init__()
         self.hypernet = hypernet
@@ -268,7 +268,9 @@ class PassPruner(nn.Module):
         self.last: Allocation | None = None
 
     def scores(self, prompt: torch.Tensor | None) -> torch.Tensor:
-        return self.hypernet(self.stats, self.features, self.group_index, prompt)
+        """[N] scores in fp32 even under autocast: bf16 scores would tie and reorder channels."""
+        with torch.autocast(self.stats.device.type, enabled=False):
+            return self.hypernet(self.stats, self.features, self.group_index, None if prompt is None else prompt.float())
 
     def _noise(self, like: torch.Tensor) -> torch.Tensor:
         generator = torch.Generator(device=like.device)
@@ -277,8 +279,7 @@ class PassPruner(nn.Module):
         return (u.log() - (-u).log1p()) * self.temperature  # logistic(0, T)
 
     def forward(self, prompt: torch.Tensor | None) -> list[torch.Tensor]:
-        with torch.autocast(self.stats.device.type, enabled=False):  # bf16 scores would tie and reorder channels
-            return self._masks(self.scores(None if prompt is None else prompt.float()))
+        return self._masks(self.scores(prompt))
 
     def _masks(self, z: torch.Tensor) -> list[torch.Tensor]:
         if self.sample and self.training:
@@ -307,7 +308,7 @@ def create_pass_pruner(groups: ChannelGroups, cfg: HypernetConfig, allocator: Al
     if hypernet is None:
         stats_dim = group_statistics(groups, cfg.stats_length).shape[1]
         hypernet = PassHypernet(stats_dim, cfg.hidden_size, cfg.recurrent, use_prompt, cfg.stats_length, prior=cfg.prior)
-    if priors is None:
+    if priors is None:  # a Taylor prior needs data: the caller passes it (``global_priors``); else zeros
         priors = magnitude_priors(groups) if cfg.prior == "l1" else [torch.zeros(w) for w in groups.widths]
     return PassPruner(hypernet, groups, allocator, priors, cfg.temperature, cfg.sample, seed, cfg.project_budget,
                       cfg.estimator)
