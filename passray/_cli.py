@@ -17,10 +17,14 @@ __all__ = ["DEFAULT_CONFIG", "format_table", "load_from_args", "make_parser", "r
 
 
 def make_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    """The values listed are what a run without --config uses: the embedded default over the built-ins."""
+    defaults = load_config(DEFAULT_CONFIG) if DEFAULT_CONFIG.is_file() else None
+    source = f"{DEFAULT_CONFIG.parent.name}/{DEFAULT_CONFIG.name}" if defaults is not None else "the built-in defaults"
     parser = argparse.ArgumentParser(
         prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="config keys (set in YAML or with --set key=value):\n" + "\n".join(describe_keys()))
-    parser.add_argument("--config", help="YAML config file (keys below)")
+        epilog=f"config keys (set in YAML or with --set key=value), with the values a run without --config uses "
+               f"({source}):\n" + "\n".join(describe_keys(defaults)))
+    parser.add_argument("--config", help=f"YAML config file (keys below; default: {source})")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override one config key, e.g. --set budget.keep_ratio=0.25 (repeatable)")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks")

@@ -240,7 +240,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         except yaml.YAMLError as err:
             line = getattr(getattr(err, "problem_mark", None), "line", None)
             where = f" line {line + 1}" if line is not None else ""
-            raise ConfigError(f"config file {path}{where}: invalid YAML") from None
+            problem = getattr(err, "problem", None) or ""
+            if "'\\t'" in problem:
+                problem = "a tab; YAML indents with spaces"
+            raise ConfigError(f"config file {path}{where}: invalid YAML" + (f" ({problem})" if problem else "")) from None
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"config file {path}: top level must be a mapping")
         tree.update(loaded or {})

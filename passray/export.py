@@ -145,7 +145,7 @@ def masks_from_structure(structure: dict[str, Any], groups: ChannelGroups, sourc
 
 
 def load_pruned(directory: str | Path, expect_backbone: str | None = None) -> tuple[PrunableNet, dict[str, Any]]:
-    """Rebuild a pruned network from an export directory."""
+    """Rebuild a pruned network from an export directory: ``(network, structure.json as a dict)``."""
     directory = Path(directory)
     structure = _read_structure(directory / "structure.json")
     if expect_backbone is not None and structure["backbone_id"] != expect_backbone:

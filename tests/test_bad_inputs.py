@@ -18,6 +18,8 @@ FAST = ["--set", "model.arch=convnet", "--set", "model.width=0.25", "--set", "da
 def _case(tmp_path: Path, name: str) -> tuple[list[str], str]:
     bad_yaml = tmp_path / "bad.yaml"
     bad_yaml.write_text("data: [unclosed\n")
+    tabbed = tmp_path / "tab.yaml"
+    tabbed.write_text("data:\n\tname: digits\n")
     not_mapping = tmp_path / "list.yaml"
     not_mapping.write_text("- a\n- b\n")
     cases = {
@@ -32,7 +34,8 @@ def _case(tmp_path: Path, name: str) -> tuple[list[str], str]:
         "missing data root": (["--set", "data.name=imagefolder", "--set", f"data.root={tmp_path}/nowhere"], "nowhere"),
         "bad classes": (["--set", "data.classes=[42]"], "data.classes"),
         "missing config file": (["--config", str(tmp_path / "missing.yaml")], "missing.yaml"),
-        "invalid yaml": (["--config", str(bad_yaml)], "invalid YAML"),
+        "invalid yaml": (["--config", str(bad_yaml)], "line 2: invalid YAML (expected ',' or ']'"),
+        "tab in yaml": (["--config", str(tabbed)], "invalid YAML (a tab; YAML indents with spaces)"),
         "config not a mapping": (["--config", str(not_mapping)], "mapping"),
         "set without equals": (["--set", "budget.keep_ratio"], "key=value"),
         "prompt wider than image": (["--set", "prompt.size=20"], "prompt.size=20"),
@@ -44,7 +47,7 @@ def _case(tmp_path: Path, name: str) -> tuple[list[str], str]:
 
 
 NAMES = ["unknown key", "unknown nested key", "budget above 1", "budget zero", "budget not a number", "unknown method",
-         "unknown arch", "unknown dataset", "missing data root", "bad classes", "missing config file", "invalid yaml",
+         "unknown arch", "unknown dataset", "missing data root", "bad classes", "missing config file", "invalid yaml", "tab in yaml",
          "config not a mapping", "set without equals", "prompt wider than image", "unreachable budget",
          "unknown prompt kind", "missing weights file"]
 
@@ -74,6 +77,8 @@ def test_real_cli_error_exit_code_and_help(tmp_path: Path) -> None:
     assert helped.returncode == 0
     for key in ("budget.keep_ratio", "hypernet.hidden_size", "prompt.kind", "data.root", "train.num_workers"):
         assert key in helped.stdout
+    # the values listed are the ones a run without --config gets (the embedded default), and help says so
+    assert "model.arch = 'convnet'" in helped.stdout and "tune_configs/quickstart.yaml" in helped.stdout
 
 
 def test_resume_of_a_missing_experiment_is_refused_before_ray_starts(tmp_path: Path) -> None:
