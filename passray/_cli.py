@@ -13,7 +13,7 @@ from passray.config import Config, ConfigError, describe_keys, load_config
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "tune_configs" / "quickstart.yaml"
 
-__all__ = ["DEFAULT_CONFIG", "format_table", "load_from_args", "make_parser", "run_cli"]
+__all__ = ["DEFAULT_CONFIG", "format_table", "load_from_args", "make_parser", "next_free", "run_cli"]
 
 
 def make_parser(prog: str, description: str) -> argparse.ArgumentParser:
@@ -34,6 +34,13 @@ def make_parser(prog: str, description: str) -> argparse.ArgumentParser:
 def load_from_args(args: argparse.Namespace) -> Config:
     """--config, else the embedded default (``tune_configs/quickstart.yaml``), plus --set overrides."""
     return load_config(args.config or (DEFAULT_CONFIG if DEFAULT_CONFIG.is_file() else None), args.set)
+
+
+def next_free(path: Path) -> Path:
+    """``path`` if nothing (or an empty folder) is there, else the first free ``path-2``, ``path-3``, ...:
+    a new run never overwrites an earlier one's output."""
+    taken = lambda p: p.exists() and not (p.is_dir() and not any(p.iterdir()))  # noqa: E731
+    return next(p for p in (path, *(path.with_name(f"{path.name}-{i}") for i in range(2, 100_000))) if not taken(p))
 
 
 def run_cli(main: Callable[[list[str] | None], Any], prog: str, argv: Sequence[str] | None = None) -> None:

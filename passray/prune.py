@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from passray._cli import format_table, load_from_args, make_parser, run_cli
+from passray._cli import format_table, load_from_args, make_parser, next_free, run_cli
 from passray.pipeline import Runtime, run
 
 __all__ = ["TABLE_COLUMNS", "main"]
@@ -24,8 +24,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser = make_parser("passray.prune", __doc__.split("\n\n")[0])
     args = parser.parse_args(argv)
     cfg = load_from_args(args)
-    result = run(cfg, Runtime(export_dir=cfg.output_dir))
-    out = Path(cfg.output_dir)
+    out = next_free(Path(cfg.output_dir))
+    if out != Path(cfg.output_dir):  # never replace an earlier run's export (it may hold a hypernet)
+        print(f"{cfg.output_dir} holds an earlier run; this run writes to {out}")
+        cfg = cfg.model_copy(update={"output_dir": str(out)})
+    result = run(cfg, Runtime(export_dir=str(out)))
     (out / "results.json").write_text(json.dumps({"config": cfg.to_dict(), "result": result}, indent=1))
     print(format_table([result], TABLE_COLUMNS))
     print(f"exported to {out}/ (structure.json, weights.safetensors{', hypernet/' if cfg.method == 'pass' else ''})")

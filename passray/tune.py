@@ -21,7 +21,7 @@ from typing import Any
 import ray
 from ray import tune
 
-from passray._cli import format_table, load_from_args, make_parser, run_cli
+from passray._cli import format_table, load_from_args, make_parser, next_free, run_cli
 from passray.config import Config, ConfigError, apply_overrides, validate
 from passray.pipeline import Runtime, pretrain, run
 from passray.tracking import Tracker, resolve_uri
@@ -276,10 +276,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     ray.init(address=os.environ.get("RAY_ADDRESS"), ignore_reinit_error=True, log_to_driver=False)
     check_tracking_reaches_trials(uri, {n["NodeManagerAddress"] for n in ray.nodes() if n["Alive"]})
     storage = storage_uri(cfg.train.storage_path)
-    exp_dir = resume or Path(storage) / cfg.tune.name
-    if resume is None and exp_dir.exists():  # a new run never touches an old one
-        taken = exp_dir
-        exp_dir = next(p for i in range(2, 10_000) if not (p := taken.with_name(f"{taken.name}-{i}")).exists())
+    exp_dir = resume or next_free(Path(storage) / cfg.tune.name)  # a new run never touches an old one
+    if resume is None and exp_dir.name != cfg.tune.name:
+        taken = exp_dir.with_name(cfg.tune.name)
         cfg = validate(apply_overrides(cfg.to_dict(), [f"tune.name={exp_dir.name}"]))
         print(f"{taken} exists (continue it with --resume {taken}); this run is {exp_dir.name}")
     exp_dir.mkdir(parents=True, exist_ok=True)

@@ -89,3 +89,18 @@ def test_resume_of_a_missing_experiment_is_refused_before_ray_starts(tmp_path: P
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and "ray_results/nowhere" in lines[0] and "not a passray.tune experiment" in lines[0], lines
     assert "Ray" not in out.stdout + out.stderr and not (tmp_path / "mlflow.db").exists()
+
+
+def test_a_second_prune_never_replaces_the_first_export(tmp_path: Path, capsys) -> None:
+    """A baseline run after a PASS run in the same output_dir takes the next free name and says so."""
+    out = tmp_path / "run"
+    first = FAST + ["--set", "search.epochs=1", "--set", f"output_dir={out}"]
+    main(first)
+    assert (out / "hypernet").is_dir()
+    main(FAST + ["--set", "method=l1", "--set", f"output_dir={out}"])
+    assert (out / "hypernet").is_dir()  # the PASS export is untouched
+    assert (tmp_path / "run-2" / "structure.json").is_file()
+    assert f"this run writes to {tmp_path / 'run-2'}" in capsys.readouterr().out
+    (tmp_path / "empty").mkdir()
+    main(FAST + ["--set", "method=l1", "--set", f"output_dir={tmp_path / 'empty'}"])  # an empty folder is free
+    assert (tmp_path / "empty" / "structure.json").is_file() and not (tmp_path / "empty-2").exists()
