@@ -95,6 +95,7 @@ def _version_tags(structure: dict[str, Any], spec: dict[str, Any] | None, run_id
 def _log_and_register(uri: str, kind: str, artifact_dir: Path, run_id: str, tags: dict[str, str],
                       structure: dict[str, Any], alias: str) -> dict[str, Any]:
     """A LoggedModel (models-from-code + artifacts) of ``run_id``, registered as a new version; aliases updated.
+    A run that already has a version of this model keeps it: nothing is logged or moved.
 
     Explicit requirements skip MLflow's inference (a subprocess that loads the model); MLflow
     runs the input example through the logged model, which checks that it loads."""
@@ -107,6 +108,12 @@ def _log_and_register(uri: str, kind: str, artifact_dir: Path, run_id: str, tags
     import passray
 
     name, tags = model_name(kind, tags["arch"]), {**tags, "kind": kind}
+    with _mlflow_at(uri) as client:  # the same run registered again (e.g. a resumed experiment): a no-op
+        for entry in _versions(client, name):
+            if entry["tags"].get("source_run") == run_id:
+                model_id = getattr(client.get_model_version(name, str(entry["version"])), "model_id", None)
+                return {"name": name, "version": entry["version"], "uri": entry["uri"], "model_id": model_id,
+                        "aliases": entry["aliases"], "existing": True}
     shape = (-1,) if kind == "hypernet" else (-1, *map(int, structure["input_size"]))  # hypernet: input ignored
     outputs = None if kind == "hypernet" else Schema([TensorSpec(np.dtype(np.float32), (-1, int(structure["num_classes"])))])
     requirements = [f"mlflow=={mlflow.__version__}", f"torch=={torch.__version__.split('+')[0]}", "safetensors",

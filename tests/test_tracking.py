@@ -144,6 +144,15 @@ def test_aliases_follow_the_best_version(store, scenario):
     assert registry.find(alias="champion", tracking_uri=store)[0]["version"] == 1
 
 
+def test_registering_a_run_again_is_a_no_op(store, scenario):
+    """A resumed experiment registers its finished trials again: the versions stay as they are."""
+    before = {kind: [e["version"] for e in registry.find(kind=kind, tracking_uri=store)] for kind in ("hypernet", "structure")}
+    again = registry.register_run(scenario["c"]["run_id"], tracking_uri=store)
+    for kind in ("hypernet", "structure"):
+        assert again[kind]["version"] == scenario["c"][kind]["version"] and again[kind]["existing"]
+        assert [e["version"] for e in registry.find(kind=kind, tracking_uri=store)] == before[kind]
+
+
 def test_find_filters_on_tags(store, scenario):
     ratios = {k: float(scenario_tags["macs_ratio"]) for k, scenario_tags in
               ((e["version"], e["tags"]) for e in registry.find(kind="structure", tracking_uri=store))}
