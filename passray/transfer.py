@@ -8,6 +8,8 @@ Modes, each fine-tuned and reported against a fresh search at the same budget:
   trained ``head_epochs``, or ``search.epochs`` if that is 0);
 - ``fresh``: PASS search from scratch (the reference).
 Every run is an MLflow child run tagged with the source model version (lineage).
+A hypernet depends on no width: ``zero-shot`` and ``warm-start`` also run on a backbone of
+other widths (its prior is taken anew on the new data); ``mask`` needs the same group layout.
 Incompatible sources fail with one line before anything is trained.
 """
 
@@ -63,16 +65,17 @@ def _structure_uri(source: dict[str, Any], uri: str) -> str:
     raise ValueError(f"no registered structure comes from the run of {source['uri']}; pass --structure")
 
 
-def _check_compatible(cfg: Config, hypernet, structure: dict[str, Any] | None) -> None:
-    """Refuse a source whose widths/groups do not fit the target backbone, before training."""
+def _check_compatible(cfg: Config, structure: dict[str, Any] | None) -> None:
+    """Refuse a structure whose groups do not fit the target backbone, before training."""
+    if structure is None:
+        return
     from passray.data import load_dataset
     from passray.export import build_groups, masks_from_structure
     from passray.models import create_backbone
 
     ds = load_dataset(cfg.data)
     groups = build_groups(create_backbone(cfg.model.model_copy(update={"weights": None}), ds.num_classes), ds.image_size)
-    if structure is not None:
-        masks_from_structure(structure, groups, source="registered structure")
+    masks_from_structure(structure, groups, source="registered structure")
 
 
 def mode_setup(cfg: Config, mode: str, hypernet=None, structure: dict[str, Any] | None = None,
@@ -102,7 +105,7 @@ def transfer(cfg: Config, source_uri: str, modes: list[str], structure_uri: str 
     if "mask" in modes:
         structure_uri = structure_uri or _structure_uri(source, uri)
         structure, _ = load_registered_structure(structure_uri, tracking_uri=uri)
-    _check_compatible(cfg, hypernet, structure)
+    _check_compatible(cfg, structure)
     lineage = {"passray.source_model": source["name"], "passray.source_version": str(source["version"]),
                "passray.source_uri": source_uri, "passray.source_run": source["tags"].get("source_run", "")}
     parent = tracker.start_parent(cfg.tracking.experiment, f"transfer-{source['name']}-v{source['version']}",
