@@ -239,8 +239,12 @@ def _lookup(client: Any, uri: str) -> Any:
             return client.get_model_version_by_alias(name, alias)
         return None if version is None else client.get_model_version(name, version)
     except mlflow.exceptions.MlflowException:
-        missing = f"alias {alias!r}" if alias else f"version {version}"
-        raise ValueError(f"registered model {name!r} has no {missing}") from None
+        if alias is not None:
+            known = ", ".join(sorted(client.get_registered_model(name).aliases)) or "none"
+            raise ValueError(f"registered model {name!r} has no alias {alias!r} (its aliases: {known})") from None
+        versions = sorted(int(v.version) for v in _paged(client.search_model_versions, f"name='{name}'"))
+        raise ValueError(f"registered model {name!r} has no version {version} "
+                         f"(its versions: {', '.join(map(str, versions)) or 'none'})") from None
 
 
 def resolve(uri: str, *, tracking_uri: str | None = None, dst: str | Path | None = None) -> Path:
@@ -251,7 +255,8 @@ def resolve(uri: str, *, tracking_uri: str | None = None, dst: str | Path | None
     with _mlflow_at(store) as client:
         version = _lookup(client, uri)  # pin the version an alias points at now
         if version is None:
-            raise ValueError(f"{uri!r} names no version or alias")
+            raise ValueError(f"{uri!r} names no version or alias: write models:/NAME@ALIAS (e.g. @champion) "
+                             "or models:/NAME/VERSION")
         target = Path(dst) if dst is not None else Path(tempfile.mkdtemp(prefix="passray-model-"))
         target.mkdir(parents=True, exist_ok=True)
         local = mlflow.artifacts.download_artifacts(f"models:/{version.name}/{version.version}", dst_path=str(target),
@@ -288,7 +293,8 @@ def describe(uri: str, *, tracking_uri: str | None = None) -> dict[str, Any]:
     with _mlflow_at(resolve_uri(tracking_uri)) as client:
         version = _lookup(client, uri)
         if version is None:
-            raise ValueError(f"{uri!r} names no version or alias")
+            raise ValueError(f"{uri!r} names no version or alias: write models:/NAME@ALIAS (e.g. @champion) "
+                             "or models:/NAME/VERSION")
         return {"name": version.name, "version": int(version.version), "tags": dict(version.tags or {}),
                 "uri": f"models:/{version.name}/{version.version}"}
 
