@@ -256,6 +256,7 @@ class PassPruner(nn.Module):
         self.project = project
         self.estimator = estimator
         self.seed, self.step = seed, 0
+        self._generator: torch.Generator | None = None
         stats = group_statistics(groups, hypernet.spec["stats_length"])
         if stats.shape[1] != hypernet.spec["stats_dim"]:
             raise ValueError(f"hypernet expects {hypernet.spec['stats_dim']} statistics per group, got {stats.shape[1]} "
@@ -273,9 +274,10 @@ class PassPruner(nn.Module):
             return self.hypernet(self.stats, self.features, self.group_index, None if prompt is None else prompt.float())
 
     def _noise(self, like: torch.Tensor) -> torch.Tensor:
-        generator = torch.Generator(device=like.device)
-        generator.manual_seed(self.seed * 1_000_003 + self.step)
-        u = torch.rand(like.shape, generator=generator, device=like.device).clamp_(1e-6, 1 - 1e-6)
+        if self._generator is None or self._generator.device != like.device:
+            self._generator = torch.Generator(device=like.device)
+        self._generator.manual_seed(self.seed * 1_000_003 + self.step)
+        u = torch.rand(like.shape, generator=self._generator, device=like.device).clamp_(1e-6, 1 - 1e-6)
         return (u.log() - (-u).log1p()) * self.temperature  # logistic(0, T)
 
     def forward(self, prompt: torch.Tensor | None) -> list[torch.Tensor]:
@@ -308,8 +310,8 @@ def create_pass_pruner(groups: ChannelGroups, cfg: HypernetConfig, allocator: Al
     if hypernet is None:
         stats_dim = group_statistics(groups, cfg.stats_length).shape[1]
         hypernet = PassHypernet(stats_dim, cfg.hidden_size, cfg.recurrent, use_prompt, cfg.stats_length, prior=cfg.prior)
-    if priors is None:  # a Taylor prior needs data: the caller passes it (``global_priors``); else zeros
-        priors = magnitude_priors(groups) if cfg.prior == "l1" else [torch.zeros(w) for w in groups.widths]
+    if priors is None and cfg.prior != "l1":  # a Taylor prior needs data: the caller passes ``global_priors``
+        priors = [torch.zeros(w) for w in groups.widths]
     return PassPruner(hypernet, groups, allocator, priors, cfg.temperature, cfg.sample, seed, cfg.project_budget,
                       cfg.estimator)
 

@@ -196,16 +196,14 @@ class _Run:
             self.hypernet.load_state_dict(self.restored["hypernet"])
         head = self._freeze_all_but_head()
         best = self.meta.setdefault("best_search", {"accuracy": -1.0, "masks": None})
+        prior_masks = pruner.hard_masks(self.net.prompt.tensor()).masks  # the start; warm-up epochs keep them
         if not self._done("search", -1) and "initial_masked_val_accuracy" not in self.meta["results"]:
-            masks = pruner.hard_masks(self.net.prompt.tensor()).masks
-            initial = self._masked_val(masks)
+            initial = self._masked_val(prior_masks)
             self.meta["results"]["initial_masked_val_accuracy"] = initial["accuracy"]
-            self.meta["initial_masks"] = self._kept(masks)
-            best.update(accuracy=initial["accuracy"], masks=self._kept(masks), trained=self._snapshot(head))
+            self.meta["initial_masks"] = self._kept(prior_masks)
+            best.update(accuracy=initial["accuracy"], masks=self.meta["initial_masks"], trained=self._snapshot(head))
         total = max(cfg.search.epochs * len(self.loaders.train), 1)
         t0, t1 = cfg.hypernet.temperature, cfg.hypernet.temperature_final or cfg.hypernet.temperature
-
-        prior_masks = pruner.hard_masks(self.net.prompt.tensor()).masks
 
         def start_epoch(epoch: int) -> None:
             if epoch < cfg.hypernet.warmup_epochs:  # head (and prompt) only, under the prior's masks

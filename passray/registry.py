@@ -247,16 +247,22 @@ def _lookup(client: Any, uri: str) -> Any:
                          f"(its versions: {', '.join(map(str, versions)) or 'none'})") from None
 
 
+def _required(client: Any, uri: str) -> Any:
+    """The ModelVersion ``uri`` names; a bare model name is refused with the forms that work."""
+    version = _lookup(client, uri)
+    if version is None:
+        raise ValueError(f"{uri!r} names no version or alias: write models:/NAME@ALIAS (e.g. @champion) "
+                         "or models:/NAME/VERSION")
+    return version
+
+
 def resolve(uri: str, *, tracking_uri: str | None = None, dst: str | Path | None = None) -> Path:
     """Download ``models:/NAME/VERSION`` or ``models:/NAME@ALIAS`` into ``dst`` (default: a new temp dir)."""
     import mlflow
 
     store = resolve_uri(tracking_uri)
     with _mlflow_at(store) as client:
-        version = _lookup(client, uri)  # pin the version an alias points at now
-        if version is None:
-            raise ValueError(f"{uri!r} names no version or alias: write models:/NAME@ALIAS (e.g. @champion) "
-                             "or models:/NAME/VERSION")
+        version = _required(client, uri)  # pin the version an alias points at now
         target = Path(dst) if dst is not None else Path(tempfile.mkdtemp(prefix="passray-model-"))
         target.mkdir(parents=True, exist_ok=True)
         local = mlflow.artifacts.download_artifacts(f"models:/{version.name}/{version.version}", dst_path=str(target),
@@ -291,10 +297,7 @@ def load_registered_structure(uri: str, *, tracking_uri: str | None = None) -> t
 def describe(uri: str, *, tracking_uri: str | None = None) -> dict[str, Any]:
     """Name, version (an alias resolved to the version it points at now) and tags: for lineage."""
     with _mlflow_at(resolve_uri(tracking_uri)) as client:
-        version = _lookup(client, uri)
-        if version is None:
-            raise ValueError(f"{uri!r} names no version or alias: write models:/NAME@ALIAS (e.g. @champion) "
-                             "or models:/NAME/VERSION")
+        version = _required(client, uri)
         return {"name": version.name, "version": int(version.version), "tags": dict(version.tags or {}),
                 "uri": f"models:/{version.name}/{version.version}"}
 
