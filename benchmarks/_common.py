@@ -226,12 +226,17 @@ class ResultsFile:
         self.rows.append(row)
         self.save()
 
-    def save(self) -> None:
+    def save(self, replace: bool = False) -> None:
+        """Merge with what other writers saved meanwhile (their rows kept; ``replace``: ours win where keys meet)."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path.with_name(f".{self.path.name}.lock"), "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             if self.path.is_file():
-                self.data = self._merge(json.loads(self.path.read_text()), self.data)
+                disk = json.loads(self.path.read_text())
+                if replace:
+                    mine = {self.key(r) for r in self.rows}
+                    disk["rows"] = [r for r in disk.get("rows", []) if self.key(r) not in mine]
+                self.data = self._merge(disk, self.data)
             write_atomic(self.path, json.dumps(self.data, indent=1, sort_keys=False) + "\n")
 
     _APPENDED = ("rows", "invocations", "failures")  # every writer's entries are kept

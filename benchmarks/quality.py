@@ -15,6 +15,7 @@ checkpoint; rows already in the results file are skipped, so the same command re
 from __future__ import annotations
 
 import argparse
+import copy
 import hashlib
 import json
 import os
@@ -23,6 +24,7 @@ import sys
 import tempfile
 import time
 import traceback
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -77,7 +79,11 @@ SMOKE = dict(methods=["pass", "uniform_l1"], targets=[0.5], seeds=[0], setting=[
              pretrain_epochs=1, pretrain_lr=0.1, search_epochs=1, finetune_epochs=1, batch_size=64)
 FULL = dict(methods=list(ROWS), targets=[0.5, 0.25], seeds=[0, 1, 2], setting=["all", "shifted"],
             pretrain_epochs=40, pretrain_lr=0.4, search_epochs=8, finetune_epochs=5, batch_size=512)
-KEY_FIELDS = ["setting", "row", "target", "seed"]  # with the protocol (which names the backbone), what makes a row
+# With the protocol, what makes a row: backbone architecture, budget kind and fine-tune length vary by row,
+# so MACs and latency rows, ResNet-18 and MobileNetV2, FT 5 and FT 30 share one table.
+KEY_FIELDS = ["setting", "arch", "row", "budget_kind", "target", "seed", "finetune_epochs"]
+ROW_LEVEL = ("model.arch=", "budget.kind=", "budget.latency_batch_size=", "finetune.epochs=")  # not protocol
+LATENCY_BATCH = 2048  # latency rows: table and measured speed-up at this serving batch (bf16 on the GPU)
 PLOT_RESERVE_S = 15.0  # summary + plot at the end of a budgeted command
 
 
@@ -98,7 +104,8 @@ def base_overrides(args: argparse.Namespace, user: bool = True) -> list[str]:
                   f"data.root={_q(str(Path(args.data).expanduser().resolve()))}", "data.eval_batch_size=2048",
                   f"model.arch={args.arch}", "model.cifar_stem=true", "budget.min_channels=8", "budget.round_to=8",
                   "bn_recalibration_batches=40", "hypernet.warmup_epochs=1"]
-    return [*common, f"data.batch_size={args.batch_size}", "data.val_fraction=0.1", "data.seed=0", "budget.kind=macs",
+    return [*common, f"data.batch_size={args.batch_size}", "data.val_fraction=0.1", "data.seed=0", f"budget.kind={args.budget_kind}",
+            *([f"budget.latency_batch_size={LATENCY_BATCH}"] if args.budget_kind == "latency" else []),
             f"pretrain.epochs={args.pretrain_epochs}", f"pretrain.lr={args.pretrain_lr}", "pretrain.label_smoothing=0.1",
             f"search.epochs={args.search_epochs}", "search.lr=0.003", "search.optimizer=adamw", "search.weight_decay=0.0",
             f"finetune.epochs={args.finetune_epochs}", "finetune.lr=0.02", "finetune.optimizer=sgd",
@@ -112,7 +119,11 @@ def _recipe(args: argparse.Namespace) -> list[str]:
 
 def protocol(args: argparse.Namespace) -> dict[str, Any]:
     """Everything that must match for rows to share a table (rows themselves are selected by the CLI)."""
-    return {"smoke": args.smoke, "data_file": None if args.smoke else Path(args.data).name, "overrides": _recipe(args),
+    return {"smoke": args.smoke, "data_file": None if args.smoke else Path(args.data).name,
+            "overrides": [o for o in _recipe(args) if not o.startswith(ROW_LEVEL)],
+            "row_level": f"model.arch, budget.kind (latency: table and measured speed-up at batch {LATENCY_BATCH}, bf16, "
+                         "channels_last, timed alone on the GPU by --remeasure-speedup) and finetune.epochs are "
+                         "part of each row's key",
             "settings": {k: vars(v) for k, v in SETTINGS.items()},
             "head_epochs": "baselines: search.epochs of head-only training under their masks in every setting, "
                            "the head training PASS's search gives its head (v1 gave none in 'all': unfair)",
@@ -178,21 +189,23 @@ def ensure_backbone(args: argparse.Namespace, name: str, results: ResultsFile) -
         print(f"[quality] backbone {name!r}: val {out['val_accuracy']:.4f} test {out['test_accuracy']:.4f} "
               f"in {out['wall_seconds']:.0f} s", flush=True)
     record = json.loads(marker.read_text())
-    known = results.data.get("backbones", {}).get(name, {}).get("sha256")
+    entry = f"{name}/{args.arch}"
+    known = results.data.get("backbones", {}).get(entry, {}).get("sha256")
     if known is not None and known != record["sha256"]:
         raise ValueError(
             f"the {name!r} backbone in {weights} (sha256 {record['sha256'][:12]}) is not the one the rows of "
             f"{results.path} were made with ({known[:12]}): pretraining was not bit-reproducible on this machine. "
             f"Bring back that checkpoint (--workdir), or start a new --results file")
-    results.data.setdefault("backbones", {})[name] = record
+    results.data.setdefault("backbones", {})[entry] = record
     results.save()
     return weights
 
 
 def _pretrain_estimate(args: argparse.Namespace, name: str, results: ResultsFile) -> float | None:
     """From another setting's pretraining time, scaled by its share of classes; else unknown."""
-    for other, record in results.data.get("backbones", {}).items():
-        if other != name and record.get("epochs") == args.pretrain_epochs:
+    for entry, record in results.data.get("backbones", {}).items():
+        other, arch = entry.split("/")
+        if other != name and arch == args.arch and record.get("epochs") == args.pretrain_epochs:
             share = len(SETTINGS[name].pretrain_classes or range(10)) / len(SETTINGS[other].pretrain_classes or range(10))
             return record["wall_seconds"] * share * 1.15 + 20.0
     return None
@@ -236,6 +249,11 @@ def row_overrides(args: argparse.Namespace, setting: str, row: str, target: floa
             f"budget.allocation={spec.allocation}", f"budget.keep_ratio={target}", f"seed={seed}",
             f"model.weights={_q(str(weights))}", "pretrain.epochs=0", f"head_epochs={head_epochs}",
             *(f"{k}={_q(v)}" for k, v in spec.overrides.items()), *args.set]
+
+
+def row_key(args: argparse.Namespace, setting: str, row: str, target: float, seed: int) -> tuple:
+    """The row's KEY_FIELDS values."""
+    return setting, args.arch, row, args.budget_kind, target, seed, args.finetune_epochs
 
 
 def run_row(args: argparse.Namespace, setting: str, row: str, target: float, seed: int, weights: Path) -> dict[str, Any]:
@@ -288,10 +306,12 @@ def run_row(args: argparse.Namespace, setting: str, row: str, target: float, see
     }
 
 
-def _row_estimate(results: ResultsFile, setting: str, row: str, new_data: bool) -> float | None:
+def _row_estimate(args: argparse.Namespace, results: ResultsFile, setting: str, row: str, new_data: bool) -> float | None:
     pass_kind = ROWS[row].is_pass
     same_kind = lambda r: ROWS.get(r["row"], ROWS["pass"]).is_pass == pass_kind  # noqa: E731
     guess = estimate(results.rows, "wall_seconds", [
+        lambda r: r["setting"] == setting and r["row"] == row and r.get("arch") == args.arch
+        and r.get("finetune_epochs") == args.finetune_epochs,
         lambda r: r["setting"] == setting and r["row"] == row,
         lambda r: r["setting"] == setting and same_kind(r),
         lambda r: r["row"] == row, same_kind, lambda r: True])
@@ -300,24 +320,82 @@ def _row_estimate(results: ResultsFile, setting: str, row: str, new_data: bool) 
     return guess
 
 
+# ------------------------------------------------------------------ latency rows
+def _profile_args(args: argparse.Namespace, setting: str) -> list[str]:
+    """``passray.profile`` arguments that build the table a latency row of ``setting`` looks up."""
+    overrides = row_overrides(args, setting, "pass", 0.5, 0, _backbone_paths(args, setting)[0])
+    overrides = [o for o in overrides if not o.startswith("model.weights=")]  # the table needs no weights
+    return [a for o in overrides for a in ("--set", o)] + (["--channels-last"] if not args.smoke else [])
+
+
+def profile_latency(args: argparse.Namespace) -> None:
+    """Build (and cache) each setting's latency table before rows start: rows sharing a GPU would time each other."""
+    from passray.profile import main as profile
+
+    for setting in args.setting:
+        print(f"[quality] latency table for {setting!r}", flush=True)
+        profile(_profile_args(args, setting))
+
+
+def remeasure_speedup(paths: list[str]) -> None:
+    """Time dense vs pruned again, alone on the device, for every latency row of the results files.
+
+    Rows measure their speed-up at the end of the run, while other processes may share the GPU;
+    this pass rebuilds each row's pruned shape (latency depends on the kept widths, not on which
+    channels or weights: the first k channels of each group are kept) and times it with nothing else running.
+    """
+    import torch
+
+    from passray.config import Config
+    from passray.data import load_dataset
+    from passray.export import build_groups
+    from passray.latency import measure_speedup
+    from passray.models import create_backbone
+
+    for path in paths:
+        results = ResultsFile(path, "quality", KEY_FIELDS)
+        for row in results.rows:
+            if row.get("budget_kind") != "latency":
+                continue
+            cfg = Config.model_validate(row["config"])
+            device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+            num_classes = load_dataset(cfg.data).num_classes
+            pruned = create_backbone(cfg.model.model_copy(update={"weights": None}), num_classes).to(device)
+            dense = copy.deepcopy(pruned)
+            groups = build_groups(pruned, cfg.data.image_size)
+            if [[g.name, g.width] for g in groups.groups] != row["groups"]:
+                raise ValueError(f"{path}: row {results.key(row)}: the rebuilt network's groups differ from the row's")
+            groups.prune([(torch.arange(w) < k).float() for (_, w), k in zip(row["groups"], row["kept_per_group"])])
+            cuda = device.type == "cuda"
+            measured = measure_speedup(dense, pruned, groups.input_shape, cfg.budget.latency_batch_size,
+                                       "bf16" if cfg.amp and cuda else "fp32", device, channels_last=cfg.channels_last and cuda)
+            row.update(speedup_measured_in_run=row.get("speedup_measured_in_run", row.get("speedup_measured")), speedup_measured=measured["speedup"],
+                       latency_dense_ms=measured["dense_ms"], latency_pruned_ms=measured["pruned_ms"],
+                       speedup_timing="alone on the device, after all rows (benchmarks/quality.py --remeasure-speedup)")
+            print(f"[quality] {results.key(row)}: speed-up {measured['speedup']:.2f}x "
+                  f"(in the run: {row['speedup_measured_in_run']})", flush=True)
+        results.save(replace=True)
+
+
 # ------------------------------------------------------------------ summary
-SUMMARY_FIELDS = ("test_before_ft", "test_after_ft1", "test_after_ft_final", "macs_ratio", "params_ratio",
-                  "val_before_ft", "initial_masked_val_accuracy", "search_best_val_accuracy", "search_seconds",
-                  "finetune_seconds_per_epoch")
+SUMMARY_FIELDS = ("test_before_ft", "test_after_ft1", "test_after_ft5", "test_after_ft_final", "macs_ratio",
+                  "params_ratio", "speedup_measured", "val_before_ft", "initial_masked_val_accuracy",
+                  "search_best_val_accuracy", "search_seconds", "finetune_seconds_per_epoch")
+GROUP_FIELDS = ("setting", "arch", "row", "budget_kind", "target", "finetune_epochs")  # KEY_FIELDS but the seed
 
 
 def summarise(results: ResultsFile) -> list[dict[str, Any]]:
-    """Mean ± std over seeds per (setting, row, target), in table order."""
+    """Mean ± std over seeds per key but the seed, in table order."""
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for r in results.rows:
-        groups.setdefault((r["setting"], r["row"], r["target"]), []).append(r)
-    order = lambda k: (list(SETTINGS).index(k[0]) if k[0] in SETTINGS else 99,  # noqa: E731
-                       list(ROWS).index(k[1]) if k[1] in ROWS else 99, -k[2])
+        groups.setdefault(tuple(r.get(f) for f in GROUP_FIELDS), []).append(r)
+    index = lambda names, x: list(names).index(x) if x in names else 99  # noqa: E731
+    order = lambda k: (index(SETTINGS, k[0]), k[1] != "resnet18", k[1], k[3] != "macs", k[5], -k[4],  # noqa: E731
+                       index(ROWS, k[2]))
     summary = []
     for key in sorted(groups, key=order):
         rows = groups[key]
-        entry: dict[str, Any] = {"setting": key[0], "row": key[1], "target": key[2], "seeds": sorted(r["seed"] for r in rows),
-                                 "finetune_epochs": rows[0].get("finetune_epochs")}
+        entry: dict[str, Any] = {**dict(zip(GROUP_FIELDS, key)), "seeds": sorted(r["seed"] for r in rows)}
         for f in SUMMARY_FIELDS:
             mean, std, n = mean_std(r.get(f) for r in rows)
             entry[f] = {"mean": mean, "std": std, "n": n}
@@ -332,28 +410,33 @@ def _pm(stat: dict[str, Any], scale: float = 100.0, digits: int = 2) -> str:
 
 
 def markdown(results: ResultsFile, summary: list[dict[str, Any]]) -> str:
-    lines = ["# passray quality benchmark", "", f"Command: `{results.data.get('command', '')}`  ",
+    lines = ["# passray quality benchmark", "", f"Command (latest): `{results.data.get('command', '')}`  ",
              f"Device: {results.data.get('environment', {}).get('device', '?')}", ""]
     for name, b in results.data.get("backbones", {}).items():
         classes = "all classes" if b.get("classes") is None else f"classes {b['classes']}"
         lines.append(f"- dense backbone `{name}` ({classes}, {b.get('epochs')} epochs, {b['wall_seconds']:.0f} s): "
                      f"val {100 * b['val_accuracy']:.2f} %, test {100 * b['test_accuracy']:.2f} %")
-    ft = max([s["finetune_epochs"] or 0 for s in summary], default=0)
-    lines += ["", "Test accuracy (%) mean ± std over seeds; MACs = achieved fraction of dense MACs; "
-              "masked val = val accuracy under the masks after BN recalibration, before fine-tuning.", "",
-              f"| setting | row | target | seeds | MACs | test before FT | after FT 1 | after FT {ft} | "
-              "masked val before FT | PASS initial masked val | search s |",
-              "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines += ["", "Test accuracy (%), mean ± std over seeds. budget: `macs` rows keep `target` of dense MACs, `latency` "
+              f"rows `target` of the predicted dense latency (batch {LATENCY_BATCH}, bf16); speed-up = measured dense / "
+              "pruned time there. FT N = after N fine-tune epochs (FT 5 of a 30-epoch run is mid-schedule). "
+              "masked val: val accuracy under the masks after BN recalibration, before fine-tuning; initial: "
+              "PASS's first masks.", "",
+              "| setting | arch | row | budget | target | n | MACs | speed-up | before FT | FT 1 | FT 5 | FT end (ep) "
+              "| masked val | initial | search s |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for s in summary:
-        lines.append(f"| {s['setting']} | {s['row']} | {s['target']} | {len(s['seeds'])} | {_pm(s['macs_ratio'], 1, 3)} | "
-                     f"{_pm(s['test_before_ft'])} | {_pm(s['test_after_ft1'])} | {_pm(s['test_after_ft_final'])} | "
-                     f"{_pm(s['val_before_ft'])} | {_pm(s['initial_masked_val_accuracy'])} | "
-                     f"{_pm(s['search_seconds'], 1, 1)} |")
+        lines.append(
+            f"| {s['setting']} | {s['arch']} | {s['row']} | {s['budget_kind']} | {s['target']} | {len(s['seeds'])} | "
+            f"{_pm(s['macs_ratio'], 1, 3)} | {_pm(s['speedup_measured'], 1, 2)} | {_pm(s['test_before_ft'])} | "
+            f"{_pm(s['test_after_ft1'])} | {_pm(s['test_after_ft5'])} | {_pm(s['test_after_ft_final'])} "
+            f"({s['finetune_epochs']}) | {_pm(s['val_before_ft'])} | {_pm(s['initial_masked_val_accuracy'])} | "
+            f"{_pm(s['search_seconds'], 1, 1)} |")
     return "\n".join(lines) + "\n"
 
 
 def plot(summary: list[dict[str, Any]], path: Path) -> bool:
-    """Test accuracy after fine-tuning vs achieved MACs ratio, one line per row, one panel per setting."""
+    """Test accuracy before and after fine-tuning vs achieved MACs, one line per row and budget kind, one panel
+    per setting; only the most common (arch, fine-tune epochs) is drawn (the other rows are in the table)."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -361,21 +444,26 @@ def plot(summary: list[dict[str, Any]], path: Path) -> bool:
     except ImportError:
         print("[quality] matplotlib missing: no plot", flush=True)
         return False
-    settings = [s for s in SETTINGS if any(e["setting"] == s for e in summary)]
-    if not settings:
+    if not summary:
         return False
-    metrics = (("test_before_ft", "before fine-tuning"), ("test_after_ft_final", "after fine-tuning"))
+    arch, ft = Counter((e["arch"], e["finetune_epochs"]) for e in summary).most_common(1)[0][0]
+    shown = [e for e in summary if (e["arch"], e["finetune_epochs"]) == (arch, ft)]
+    settings = [s for s in SETTINGS if any(e["setting"] == s for e in shown)]
+    metrics = (("test_before_ft", "before fine-tuning"), ("test_after_ft_final", f"after {ft} fine-tune epochs"))
     fig, axes = plt.subplots(len(metrics), len(settings), figsize=(6 * len(settings), 4.2 * len(metrics)), squeeze=False)
     for (field, when), ax_row in zip(metrics, axes):
         for ax, setting in zip(ax_row, settings):
             for row in ROWS:
-                pts = sorted((e["macs_ratio"]["mean"], e[field]["mean"], e[field]["std"])
-                             for e in summary if e["setting"] == setting and e["row"] == row and e[field]["mean"] is not None)
-                if pts:
-                    xs, ys, es = zip(*pts)
-                    ax.errorbar(xs, [100 * y for y in ys], yerr=[100 * e for e in es], marker="o", capsize=3, label=row,
-                                linestyle="-" if ROWS[row].is_pass else "--")
-            ax.set_title(f"setting: {setting}, {when}")
+                for kind, marker in (("macs", "o"), ("latency", "s")):
+                    pts = sorted((e["macs_ratio"]["mean"], e[field]["mean"], e[field]["std"]) for e in shown
+                                 if (e["setting"], e["row"], e["budget_kind"]) == (setting, row, kind)
+                                 and e[field]["mean"] is not None)
+                    if pts:
+                        xs, ys, es = zip(*pts)
+                        ax.errorbar(xs, [100 * y for y in ys], yerr=[100 * e for e in es], marker=marker, capsize=3,
+                                    label=row if kind == "macs" else f"{row} (latency budget)",
+                                    linestyle="-" if ROWS[row].is_pass else "--")
+            ax.set_title(f"{arch}, setting {setting}: {when}")
             ax.set_xlabel("achieved MACs / dense MACs")
             ax.set_ylabel(f"test accuracy {when} (%)")
             ax.grid(alpha=0.3)
@@ -412,6 +500,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--methods", nargs="+", choices=list(ROWS), metavar="ROW",
                    help=f"table rows (default: all): {' '.join(ROWS)}")
     p.add_argument("--seeds", nargs="+", type=int, help="seeds (default 0 1 2)")
+    p.add_argument("--budget-kind", choices=["macs", "latency"], default="macs",
+                   help=f"what --targets keep a fraction of (latency: predicted at batch {LATENCY_BATCH}, bf16)")
+    p.add_argument("--profile-latency", action="store_true",
+                   help="only build the settings' latency tables (run alone on the GPU, before latency rows)")
+    p.add_argument("--remeasure-speedup", nargs="+", metavar="FILE",
+                   help="time every latency row of these results files again, alone on the device")
     p.add_argument("--arch", default="resnet18", help="backbone (default resnet18 with CIFAR stem)")
     p.add_argument("--pretrain-epochs", type=int, help="dense backbone epochs (default 40)")
     p.add_argument("--pretrain-lr", type=float, help="dense backbone peak SGD learning rate at batch 512 (default 0.4)")
@@ -437,7 +531,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.results = (str(Path(tempfile.mkdtemp(prefix="passray-quality-")) / "quality.json") if args.smoke
                         else str(REPO / "benchmarks" / "results" / "quality.json"))
     args.workdir = args.workdir or str(Path(args.results).parent / "work")
-    if not (args.smoke or args.summarise or args.merge or args.data):
+    if not (args.smoke or args.summarise or args.merge or args.remeasure_speedup or args.data):
         p.error("--data is required (the CIFAR-10 ImageFolder tarball), unless --smoke or --summarise")
     return args
 
@@ -456,7 +550,7 @@ def run_plan(args: argparse.Namespace, todo: list[tuple], results: ResultsFile, 
                 return _stopped(failures, f"pretraining the {setting!r} backbone", len(todo) - i, budget)
             backbones[setting] = ensure_backbone(args, setting, results)
         data_cfg = load_config(None, row_overrides(args, setting, row, target, seed, backbones[setting])).data
-        guess = _row_estimate(results, setting, row, not cached_datasets.loaded(data_cfg))
+        guess = _row_estimate(args, results, setting, row, not cached_datasets.loaded(data_cfg))
         if not budget.allows(guess):
             return _stopped(failures, f"{label} (estimate {guess:.0f} s)", len(todo) - i, budget)
         print(f"[quality] {i + 1}/{len(todo)} {label} (elapsed {budget.elapsed():.0f} s)", flush=True)
@@ -468,7 +562,7 @@ def run_plan(args: argparse.Namespace, todo: list[tuple], results: ResultsFile, 
             message = f"{type(err).__name__}: {(str(err).splitlines() or [''])[0]}"
             failures.append(f"{label}: {message}")
             results.data.setdefault("failures", []).append(
-                {"key": [setting, row, target, seed], "error": message, "when": now(),
+                {"key": list(row_key(args, setting, row, target, seed)), "error": message, "when": now(),
                  "traceback": traceback.format_exc()[-3000:]})
             results.save()
             print(f"[quality]   FAILED: {message}", flush=True)
@@ -487,6 +581,13 @@ def _stopped(failures: list[str], what: str, left: int, budget: TimeBudget) -> l
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.remeasure_speedup:
+        remeasure_speedup(args.remeasure_speedup)
+        return 0
+    if args.profile_latency:
+        cached_datasets.install()
+        profile_latency(args)
+        return 0
     if args.summarise or args.merge:
         if not args.merge and not Path(args.results).is_file():
             raise FileNotFoundError(f"--summarise: no results file at {args.results}")
@@ -508,7 +609,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     # Seeds outermost: every finished command leaves whole seeds of the table, not whole settings.
     plan = [(s, r, t, seed) for seed in args.seeds for s in args.setting for t in args.targets for r in args.methods]
-    todo = [k for k in plan if not results.has(k)]
+    todo = [k for k in plan if not results.has(row_key(args, *k))]
     print(f"[quality] {len(plan) - len(todo)} of {len(plan)} rows already in {args.results}; {len(todo)} to run", flush=True)
     failures = run_plan(args, todo, results, budget)
     finish(results)
