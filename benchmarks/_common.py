@@ -219,6 +219,11 @@ class ResultsFile:
         if other.data.get("protocol") is None:
             raise ValueError(f"{other.path}: records no protocol")
         self._check_protocol(other.data["protocol"])
+        for name, mine in self.data.get("backbones", {}).items():  # rows of other weights must not share a table
+            theirs = other.data.get("backbones", {}).get(name, {})
+            if theirs.get("sha256") not in (None, mine.get("sha256")):
+                raise ValueError(f"{other.path}: backbone {name!r} has sha256 {theirs['sha256'][:12]}, "
+                                 f"{self.path} has {mine.get('sha256', '')[:12]}: not the same weights")
         self.data = self._merge(self.data, {k: v for k, v in other.data.items() if k != "summary"})
         self.save()
 
