@@ -352,6 +352,7 @@ def remeasure_speedup(paths: list[str]) -> None:
     from passray.latency import measure_speedup
     from passray.models import create_backbone
 
+    classes: dict[str, int] = {}  # data config -> number of classes (decoding the data once per setting)
     for path in paths:
         results = ResultsFile(path, "quality", KEY_FIELDS)
         for row in results.rows:
@@ -359,7 +360,10 @@ def remeasure_speedup(paths: list[str]) -> None:
                 continue
             cfg = Config.model_validate(row["config"])
             device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-            num_classes = load_dataset(cfg.data).num_classes
+            data_key = cfg.data.model_dump_json()
+            if data_key not in classes:
+                classes[data_key] = load_dataset(cfg.data).num_classes
+            num_classes = classes[data_key]
             pruned = create_backbone(cfg.model.model_copy(update={"weights": None}), num_classes).to(device)
             dense = copy.deepcopy(pruned)
             groups = build_groups(pruned, cfg.data.image_size)
