@@ -352,7 +352,7 @@ def remeasure_speedup(paths: list[str]) -> None:
     from passray.latency import measure_speedup
     from passray.models import create_backbone
 
-    classes: dict[str, int] = {}  # data config -> number of classes (decoding the data once per setting)
+    shapes: dict[str, tuple[int, int]] = {}  # data config -> (classes, image size): decode each setting's data once
     for path in paths:
         results = ResultsFile(path, "quality", KEY_FIELDS)
         for row in results.rows:
@@ -361,12 +361,13 @@ def remeasure_speedup(paths: list[str]) -> None:
             cfg = Config.model_validate(row["config"])
             device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
             data_key = cfg.data.model_dump_json()
-            if data_key not in classes:
-                classes[data_key] = load_dataset(cfg.data).num_classes
-            num_classes = classes[data_key]
+            if data_key not in shapes:
+                ds = load_dataset(cfg.data)
+                shapes[data_key] = ds.num_classes, ds.image_size
+            num_classes, image_size = shapes[data_key]
             pruned = create_backbone(cfg.model.model_copy(update={"weights": None}), num_classes).to(device)
             dense = copy.deepcopy(pruned)
-            groups = build_groups(pruned, cfg.data.image_size)
+            groups = build_groups(pruned, image_size)
             if [[g.name, g.width] for g in groups.groups] != row["groups"]:
                 raise ValueError(f"{path}: row {results.key(row)}: the rebuilt network's groups differ from the row's")
             groups.prune([(torch.arange(w) < k).float() for (_, w), k in zip(row["groups"], row["kept_per_group"])])
