@@ -171,7 +171,8 @@ def ensure_backbone(args: argparse.Namespace, name: str, results: ResultsFile) -
         for stale in (weights, marker):
             stale.unlink(missing_ok=True)
         extra = [] if setting.pretrain_classes is None else [f"data.classes={_q(setting.pretrain_classes)}"]
-        cfg = load_config(None, [*base_overrides(args), *extra, "method=l1", "seed=0"])
+        # pretrain.cache=false: this benchmark keeps its own backbones (and the smoke test checks they retrain bit-exactly)
+        cfg = load_config(None, [*base_overrides(args), *extra, "method=l1", "seed=0", "pretrain.cache=false"])
         print(f"[quality] pretraining the {name!r} backbone ({cfg.pretrain.epochs} epochs) -> {weights}", flush=True)
         full = weights.with_name(weights.stem + "-with-head.safetensors")
         with deterministic():
