@@ -20,9 +20,12 @@ __all__ = [
     "Config",
     "ConfigError",
     "DataConfig",
+    "DistillConfig",
+    "FinetuneConfig",
     "HypernetConfig",
     "ModelConfig",
     "OptimConfig",
+    "PretrainConfig",
     "PromptConfig",
     "TrackingConfig",
     "TrainConfig",
@@ -104,6 +107,23 @@ class OptimConfig(_Section):
     label_smoothing: float = Field(0.0, ge=0, lt=1, description="cross-entropy label smoothing")
 
 
+class PretrainConfig(OptimConfig):
+    """Dense training is the same for every method, budget and transfer mode: worth keeping."""
+
+    cache: bool = Field(True, description="reuse the dense backbone an earlier run trained with the same data, model, recipe and seed ($PASSRAY_DENSE_CACHE, else ~/.cache/passray/dense); train and store it on a miss; false: always train")
+
+
+class DistillConfig(_Section):
+    weight: float = Field(0.0, ge=0, le=1, description="w in (1-w)*CE + w*T^2*KL(teacher || student), the teacher being the dense network with its own head; 0 (off) is the plain cross-entropy fine-tune, unchanged")
+    temperature: float = Field(4.0, gt=0, description="T, softening teacher and student alike (Hinton's KD; T^2 keeps the term's gradient scale independent of T)")
+
+
+class FinetuneConfig(OptimConfig):
+    """Fine-tune alone can distil: pretrain and search have no dense teacher to learn from."""
+
+    distill: DistillConfig = Field(default_factory=DistillConfig)
+
+
 class TrainConfig(_Section):
     num_workers: int = Field(0, ge=0, description="Ray Train workers; 0 runs the engine in-process (no DDP)")
     use_gpu: bool = Field(False, description="one GPU per worker, NCCL; CPU workers use gloo")
@@ -147,9 +167,9 @@ class Config(_Section):
     budget: BudgetConfig = Field(default_factory=BudgetConfig)
     prompt: PromptConfig = Field(default_factory=PromptConfig)
     hypernet: HypernetConfig = Field(default_factory=HypernetConfig)
-    pretrain: OptimConfig = Field(default_factory=lambda: OptimConfig(epochs=0, lr=0.1), description="dense training before pruning (in-house checkpoint)")
+    pretrain: PretrainConfig = Field(default_factory=lambda: PretrainConfig(epochs=0, lr=0.1), description="dense training before pruning (in-house checkpoint)")
     search: OptimConfig = Field(default_factory=lambda: OptimConfig(epochs=2, lr=3e-3, optimizer="adamw", weight_decay=0.0), description="PASS joint search of hypernet, prompt encoder, prompt and head")
-    finetune: OptimConfig = Field(default_factory=lambda: OptimConfig(epochs=2, lr=0.01), description="training of the masked subnetwork")
+    finetune: FinetuneConfig = Field(default_factory=lambda: FinetuneConfig(epochs=2, lr=0.01), description="training of the masked subnetwork")
     train: TrainConfig = Field(default_factory=TrainConfig)
     tune: TuneConfig = Field(default_factory=TuneConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
@@ -191,12 +211,27 @@ def _format_error(err: ValidationError) -> str:
     return f"config key '{key}': {msg}"
 
 
+def _over_defaults(defaults: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:
+    """``given`` on top of ``defaults``, section by section (a search space is replaced whole)."""
+    merged = dict(defaults)
+    for key, value in given.items():
+        base = defaults.get(key)
+        both = isinstance(value, dict) and isinstance(base, dict) and key != "space"
+        merged[key] = _over_defaults(base, value) if both else value
+    return merged
+
+
 def validate(tree: dict[str, Any]) -> Config:
-    """Dict -> Config, turning pydantic's report into a one-line ``ConfigError``."""
+    """Dict -> Config, turning pydantic's report into a one-line ``ConfigError``.
+
+    Keys a section leaves out take ``Config``'s defaults, not the section class's: ``pretrain``,
+    ``search`` and ``finetune`` share a class with different defaults, and ``--set finetune.lr=0.1``
+    alone must not turn ``finetune.epochs`` into the class's 1.
+    """
     if not isinstance(tree, dict):
         raise ConfigError(f"config must be a mapping, got {type(tree).__name__}")
     try:
-        return Config.model_validate(tree)
+        return Config.model_validate(_over_defaults(Config().to_dict(), tree))
     except ValidationError as err:
         raise ConfigError(_format_error(err)) from None
 

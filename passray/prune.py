@@ -1,8 +1,8 @@
 """``python -m passray.prune``: one pruning run (PASS or a baseline) without Ray.
 
-dense training (optional) -> scores or PASS search -> masks at the budget -> BN
-recalibration -> physical pruning -> fine-tune -> export, then a result table and
-``results.json`` in ``output_dir``.
+dense training (optional; reused when an earlier run trained the same one, ``pretrain.cache``)
+-> scores or PASS search -> masks at the budget -> BN recalibration -> physical pruning ->
+fine-tune -> export, then a result table and ``results.json`` in ``output_dir``.
 """
 
 from __future__ import annotations

@@ -5,7 +5,9 @@ Every worker runs the same ``passray.pipeline`` (pretrain -> search -> prune -> 
 ends in ``ray.train.report``, rank 0 attaching a checkpoint of the resumable state. A
 worker failure restarts the group from the last checkpoint (``train.max_failures``), and
 re-running the same ``(train.storage_path, run name)`` resumes a stopped run. The final
-checkpoint also holds the export (structure.json, weights.safetensors, hypernet/).
+checkpoint also holds the export (structure.json, weights.safetensors, hypernet/). A dense
+backbone trained before with the same data, model and recipe comes from rank 0's cache
+(``pretrain.cache``; rank 0 broadcasts it to the other ranks).
 
 Ray Train V2 API only: it is the default (``RAY_TRAIN_V2_ENABLED`` unset or 1); with
 ``RAY_TRAIN_V2_ENABLED=0`` importing this module fails with a one-line explanation.
@@ -157,6 +159,7 @@ def run_name(cfg: Config) -> str:
     if cfg.train.name:
         return cfg.train.name
     tree = {k: v for k, v in cfg.to_dict().items() if k not in _NOT_IN_NAME}
+    del tree["pretrain"]["cache"]  # cached or trained, the dense backbone is the same
     digest = hashlib.sha1(json.dumps(tree, sort_keys=True).encode()).hexdigest()[:10]
     arch = re.sub(r"[^A-Za-z0-9_.-]+", "-", cfg.model.arch)
     return f"passray-{cfg.method}-{arch}-{digest}"

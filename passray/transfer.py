@@ -7,7 +7,9 @@ Modes, each fine-tuned and reported against a fresh search at the same budget:
 - ``mask``: the registered structure's kept channels are used as they are (the head is
   trained ``head_epochs``, or ``search.epochs`` if that is 0);
 - ``fresh``: PASS search from scratch (the reference).
-Every run is an MLflow child run tagged with the source model version (lineage).
+Every run is an MLflow child run tagged with the source model version (lineage). The modes
+share one dense backbone: with pretraining configured, the first mode trains it and the
+others reuse it (``pretrain.cache``); ``search_seconds`` counts from the moment it is ready.
 A hypernet depends on no width: ``zero-shot`` and ``warm-start`` also run on a backbone of
 other widths (its prior is taken anew on the new data); ``mask`` needs the same group layout.
 Incompatible sources fail with one line before anything is trained.
@@ -20,7 +22,7 @@ import json
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from passray._cli import format_table, load_from_args, make_parser, run_cli
 from passray.config import Config, apply_overrides, validate
@@ -32,20 +34,21 @@ __all__ = ["MODES", "main", "mode_setup", "transfer"]
 
 MODES = ("zero-shot", "warm-start", "mask", "fresh")
 COLUMNS = ["mode", "source", "macs_ratio", "initial_masked_val_accuracy", "val_accuracy_before_finetune",
-           "val_accuracy", "test_accuracy", "search_seconds", "wall_seconds"]
+           "val_accuracy", "test_accuracy", "pretrain_seconds", "search_seconds", "wall_seconds"]
 
 
 class _Reporter:
-    """Per-epoch metrics to the mode's MLflow child run; remembers when search ended."""
+    """Per-epoch metrics to the mode's MLflow child run; times the search from the moment the dense
+    backbone was ready (the run's ``pretrain_seconds``: loading data, then training or reusing it)."""
 
-    def __init__(self, tracker: Tracker, run_id: str) -> None:
-        self.tracker, self.run_id = tracker, run_id
-        self.started, self.search_seconds = time.time(), 0.0
+    def __init__(self, tracker: Tracker, run_id: str, clock: Callable[[], float] = time.time) -> None:
+        self.tracker, self.run_id, self.clock = tracker, run_id, clock
+        self.started, self.search_seconds = clock(), 0.0
 
     def report(self, metrics: dict[str, Any], save_state) -> None:
         self.tracker.log_metrics(self.run_id, metrics)
         if metrics.get("stage") == "search":
-            self.search_seconds = time.time() - self.started
+            self.search_seconds = self.clock() - self.started - metrics.get("pretrain_seconds", 0.0)
 
 
 def _aligned(cfg: Config, spec: dict[str, Any]) -> Config:
@@ -111,7 +114,8 @@ def transfer(cfg: Config, source_uri: str, modes: list[str], structure_uri: str 
     parent = tracker.start_parent(cfg.tracking.experiment, f"transfer-{source['name']}-v{source['version']}",
                                   params=cfg.flat(), tags=lineage)
     rows = []
-    for mode in modes:
+    for number, mode in enumerate(modes, 1):
+        print(f"[transfer] {mode} ({number}/{len(modes)}) started", flush=True)
         mode_cfg, runtime = mode_setup(cfg, mode, hypernet, structure, prompt_epochs)
         child = tracker.start_child(parent, mode, params=mode_cfg.flat(), tags={**lineage, "passray.transfer_mode": mode})
         reporter = _Reporter(tracker, child)
@@ -127,6 +131,9 @@ def transfer(cfg: Config, source_uri: str, modes: list[str], structure_uri: str 
         tracker.end(child, "FINISHED")
         rows.append({"mode": mode, "source": f"{source['name']} v{source['version']}",
                      "search_seconds": reporter.search_seconds, **result})
+        print(f"[transfer] {mode} ({number}/{len(modes)}) done: val {100 * result['val_accuracy']:.1f} %, "
+              f"test {100 * result['test_accuracy']:.1f} % in {result['wall_seconds']:.0f} s "
+              f"(dense {result['pretrain_seconds']:.0f} s, search {reporter.search_seconds:.0f} s)", flush=True)
     tracker.log_dict(parent, rows, "transfer.json")
     tracker.end(parent, "FINISHED")
     return rows

@@ -5,6 +5,9 @@
   Tests using it carry ``@pytest.mark.mlflow_server``.
 - ``pass_exports``: two tiny PASS exports (resnet8 width 0.5 on digits, 1 epoch per
   stage), built once per session: keep_ratio 0.5 / seed 0 and keep_ratio 0.3 / seed 1.
+- ``session_caches``: passray's caches of dense backbones and registered models live in
+  the session's tmp dir (never ~/.cache) for session and module fixtures and the Ray
+  clusters they start; each test gets empty ones of its own (``_own_caches``).
 """
 
 from __future__ import annotations
@@ -23,7 +26,28 @@ import pytest
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no tqdm bars in test logs
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # tests never phone home
 
+CACHE_ENV = {"dense": "PASSRAY_DENSE_CACHE", "models": "PASSRAY_MODEL_CACHE"}
 SERVER_START_TIMEOUT_S = 120  # first start migrates a new sqlite DB: ~10-20 s on 2 CPU cores
+
+
+def _point_caches(monkeypatch: pytest.MonkeyPatch, root: Path) -> Path:
+    for name, variable in CACHE_ENV.items():
+        monkeypatch.setenv(variable, str(root / name))
+    return root
+
+
+@pytest.fixture(scope="session", autouse=True)
+def session_caches(tmp_path_factory: pytest.TempPathFactory):
+    """Root of the caches that session/module fixtures (and Ray workers, which keep the environment
+    their cluster started with) read and write."""
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        yield _point_caches(monkeypatch, tmp_path_factory.mktemp("caches"))
+
+
+@pytest.fixture(autouse=True)
+def _own_caches(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A backbone cached by one test must not change what another one trains (or whether it trains)."""
+    return _point_caches(monkeypatch, tmp_path_factory.mktemp("caches"))
 
 
 def free_port() -> int:

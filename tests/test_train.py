@@ -109,6 +109,7 @@ def test_run_name_is_stable_and_ignores_how_it_runs(tmp_path):
     assert run_name(a).startswith("passray-pass-convnet-")
     assert run_name(_cfg(tmp_path, budget={"keep_ratio": 0.25})) != run_name(a)
     assert run_name(_cfg(tmp_path, train={"name": "mine"})) == "mine"
+    assert run_name(_cfg(tmp_path, pretrain={"cache": False})) == run_name(a)  # cached or trained: the same backbone
     assert storage_uri("rel/dir") == str((Path.cwd() / "rel/dir").resolve())
     assert storage_uri("s3://bucket/x") == "s3://bucket/x"
 
@@ -256,3 +257,21 @@ def test_rerun_with_same_name_resumes(ray_cluster, tmp_path, capsys):
     assert saved["config"]["train"]["name"] == "resume-me" and saved["result"]["stage"] == "done"
     assert Path(saved["checkpoint"]).parent == Path(ckpt).parent  # same run directory
     assert _history(saved["checkpoint"]) == [("search", 0), ("search", 1), ("finetune", 0)]  # nothing re-trained
+
+
+def test_workers_take_rank_0s_cached_dense_backbone(ray_cluster, session_caches, tmp_path, monkeypatch):
+    """Rank 0 finds the dense backbone in its cache and broadcasts it: no rank pretrains, and the
+    ranks stay in step (a rank training alone would hang the others at the next collective)."""
+    from passray import dense_cache
+    from passray.models import create_backbone
+    from passray.train import fit
+
+    monkeypatch.setenv(dense_cache.ENV, str(session_caches / "dense"))  # where this cluster's workers look
+    cfg = _cfg(tmp_path, pretrain={"epochs": 1}, finetune={"epochs": 0}, seed=7)
+    key = dense_cache.dense_key(cfg, torch.device("cpu"), world_size=2)
+    dense_cache.store(key, create_backbone(cfg.model, 10).state_dict(), {"val_accuracy": 0.1, "test_accuracy": 0.1})
+    log = tmp_path / "run.jsonl"
+    metrics, _ = fit(cfg, name="dense-reuse", callbacks=[_run_log(log)])
+    assert metrics["dense_reused"] is True and metrics["stage"] == "done"
+    assert _reports(_events(log)) == [("search", 0), ("done", None)]  # no pretrain epoch was reported
+    assert all(e["ranks"] == 2 for e in _events(log) if e["event"] == "report")

@@ -107,3 +107,61 @@ def test_mode_setup_gives_mask_mode_the_search_head_epochs() -> None:
     assert zero_cfg.search.epochs == 2 and runtime.freeze_hypernet
     with pytest.raises(ValueError, match="transfer mode"):
         mode_setup(cfg, "sideways")
+
+
+def test_modes_share_one_dense_backbone_report_progress_and_leave_no_temp_dirs(registered, tmp_path, monkeypatch,
+                                                                                 capsys) -> None:
+    """With pretraining configured, the first mode trains the dense backbone and the next one reuses it."""
+    import tempfile
+
+    from passray.transfer import transfer
+
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setenv("TMPDIR", str(scratch))
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    cfg = load_config(None, COMMON + ["data.classes=[5,6,7,8,9]", "pretrain.epochs=1", "finetune.epochs=0",
+                                      f"tracking.uri={registered['uri']}", "tracking.experiment=transfer-dense",
+                                      f"output_dir={tmp_path / 'out'}"])
+    rows = transfer(cfg, "models:/passray-hypernet-convnet@champion", ["zero-shot", "fresh"])
+    assert [r["dense_reused"] for r in rows] == [False, True]
+    assert rows[0]["dense_val_accuracy"] == rows[1]["dense_val_accuracy"]
+    printed = capsys.readouterr().out.splitlines()
+    assert sum(line.startswith("reusing dense backbone ") for line in printed) == 1
+    progress = [line for line in printed if line.startswith("[transfer]")]
+    assert [line.split(":")[0] for line in progress] == ["[transfer] zero-shot (1/2) started", "[transfer] zero-shot (1/2) done",
+                                                         "[transfer] fresh (2/2) started", "[transfer] fresh (2/2) done"]
+    assert all(" val " in line and " test " in line and "search " in line for line in progress[1::2])
+    assert list(scratch.iterdir()) == []  # no passray-model-* (nor any other) temp dir left behind
+
+
+def test_search_seconds_start_when_the_dense_backbone_is_ready(registered) -> None:
+    from passray.tracking import Tracker
+    from passray.transfer import _Reporter
+
+    tracker = Tracker(registered["uri"])
+    run_id = tracker.start_parent("transfer-clock", "clock")
+    clock = iter([1000.0, 1130.0])  # created at 1000; the search epoch reports at 1130
+    reporter = _Reporter(tracker, run_id, clock=lambda: next(clock))
+    reporter.report({"stage": "pretrain", "epoch": 0, "step": 0}, None)
+    reporter.report({"stage": "search", "epoch": 0, "step": 1, "pretrain_seconds": 100.0}, None)
+    assert reporter.search_seconds == 30.0
+
+
+def test_resolve_keeps_a_version_in_the_model_cache(registered, tmp_path, monkeypatch) -> None:
+    """No temp dir per call: a version is downloaded once, into $PASSRAY_MODEL_CACHE, and found there again."""
+    import os
+    import tempfile
+
+    from passray.registry import resolve
+
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    uri = "models:/passray-hypernet-convnet@champion"
+    first = resolve(uri, tracking_uri=registered["uri"])
+    assert first.is_relative_to(os.environ["PASSRAY_MODEL_CACHE"]) and (first / "MLmodel").is_file()
+    (first / "seen").touch()  # the second call returns this very directory, it does not download again
+    again = resolve(uri, tracking_uri=registered["uri"])
+    assert again == first and (again / "seen").is_file()
+    assert list(scratch.iterdir()) == [] and [p.name for p in first.parent.iterdir()] == [first.name]
