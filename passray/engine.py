@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator
 
 import torch
@@ -20,7 +21,8 @@ from tqdm.auto import tqdm
 
 from passray.config import OptimConfig
 
-__all__ = ["autocast", "build_optimizer", "evaluate", "recalibrate_bn", "resolve_device", "run_epoch"]
+__all__ = ["Distillation", "autocast", "build_optimizer", "distillation_loss", "evaluate", "recalibrate_bn",
+           "resolve_device", "run_epoch"]
 
 StepHook = Callable[[int], None]
 
@@ -74,10 +76,46 @@ def _batches(loader: Iterable, desc: str, show: bool) -> Iterator:
     return iter(tqdm(loader, desc=desc, total=total, leave=False, disable=not show, mininterval=1.0))
 
 
+def distillation_loss(logits: torch.Tensor, teacher_logits: torch.Tensor, targets: torch.Tensor, weight: float,
+                      temperature: float, label_smoothing: float = 0.0) -> torch.Tensor:
+    """Hinton's KD: (1-w)·CE(student, y) + w·T²·KL(softmax(teacher/T) || softmax(student/T)), in fp32.
+
+    T² keeps the KL term's gradient on the scale of the cross-entropy's whatever T is, so ``weight``
+    alone decides the mix.
+    """
+    logits, teacher_logits = logits.float(), teacher_logits.float()
+    hard = F.cross_entropy(logits, targets, label_smoothing=label_smoothing)
+    soft = F.kl_div(F.log_softmax(logits / temperature, dim=1), F.log_softmax(teacher_logits / temperature, dim=1),
+                    reduction="batchmean", log_target=True)
+    return (1 - weight) * hard + weight * temperature ** 2 * soft
+
+
+@dataclass(frozen=True)
+class Distillation:
+    """A frozen teacher and the KD mix; the student's training loss becomes ``distillation_loss``.
+
+    The teacher sees the very batch the student sees (same augmentation), under the same autocast;
+    it is not wrapped in DDP (each worker runs its own copy) and never trained: the caller hands it
+    in eval mode without gradients.
+    """
+
+    teacher: nn.Module
+    weight: float
+    temperature: float
+
+    def loss(self, x: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor,
+             label_smoothing: float) -> torch.Tensor:
+        with torch.no_grad():
+            teacher_logits = self.teacher(x)
+        return distillation_loss(logits, teacher_logits, targets, self.weight, self.temperature, label_smoothing)
+
+
 def run_epoch(model: nn.Module, loader: Iterable, device: torch.device, *, optimizer=None, scheduler=None,
-              amp: bool = False, label_smoothing: float = 0.0, on_step: StepHook | None = None,
-              step_offset: int = 0, desc: str = "", progress: bool = False) -> dict[str, float]:
-    """One pass over ``loader``; trains when an optimizer is given. Returns loss/accuracy."""
+              amp: bool = False, label_smoothing: float = 0.0, distill: Distillation | None = None,
+              on_step: StepHook | None = None, step_offset: int = 0, desc: str = "",
+              progress: bool = False) -> dict[str, float]:
+    """One pass over ``loader``; trains when an optimizer is given (with ``distill``: on the KD loss).
+    Returns loss/accuracy."""
     training = optimizer is not None
     sums = torch.zeros(3, device=device, dtype=torch.float64)  # loss * n, correct, n
     context = contextlib.nullcontext() if training else torch.no_grad()
@@ -87,7 +125,10 @@ def run_epoch(model: nn.Module, loader: Iterable, device: torch.device, *, optim
                 on_step(step_offset + step)
             with autocast(device, amp):
                 logits = model(x)
-                loss = F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing if training else 0.0)
+                if training and distill is not None:
+                    loss = distill.loss(x, logits, y, label_smoothing)
+                else:
+                    loss = F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing if training else 0.0)
             if training:
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
