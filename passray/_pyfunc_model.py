@@ -5,7 +5,8 @@ MLflow copies it and records its name, so nothing is pickled. The weights travel
 artifacts and are loaded with passray's own validating loaders. The artifact's key says
 what the model is:
 - ``export`` (structure.json + weights.safetensors): ``predict`` maps normalised images
-  ``[N, 3, H, W]`` to the pruned network's logits;
+  ``[N, 3, H, W]`` to the pruned network's logits; its ``model.onnx`` (when the onnx
+  package was installed at registration) is the same network for ONNX Runtime;
 - ``hypernet`` (config.json + model.safetensors): ``predict`` returns the hypernet's spec
   (widths, sizes, prompt); use ``passray.registry.load_registered_hypernet`` to run it.
 

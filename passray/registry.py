@@ -17,7 +17,9 @@ registration. Datasets share a name: narrow with ``find(dataset=...)``.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -39,9 +41,11 @@ __all__ = ["KINDS", "budget_alias", "describe", "find", "load_registered_hyperne
            "model_name", "promote", "register_export", "register_run", "resolve"]
 
 KINDS = ("hypernet", "structure")
+_log = logging.getLogger(__name__)
 CODE_PATH = Path(__file__).with_name("_pyfunc_model.py")
 _ARTIFACT_KEY = {"hypernet": "hypernet", "structure": "export"}  # pyfunc artifact name of each kind
 _FLOAT = re.compile(r"-?\d+(\.\d*)?(e[-+]?\d+)?")
+MODEL_CACHE_ENV = "PASSRAY_MODEL_CACHE"
 _URI = re.compile(r"^(?:models:/)?(?P<name>[\w.-]+)(?:/(?P<version>\d+)|@(?P<alias>[\w-]+))?$")
 
 
@@ -151,8 +155,9 @@ def register_export(export_dir: str | Path, run_id: str | None = None, *, tracki
     """Register an export's hypernet (if any) and structure; ``{"run_id", kind: {name, version, uri, aliases}}``.
 
     The export is loaded first: a tampered one is refused (the loader's one-line error) before anything is
-    written. The export is logged to ``run_id`` unless there already; no run_id: a run ``register-<folder>``."""
-    from passray.export import load_pruned
+    written. The export is logged to ``run_id`` unless there already; no run_id: a run ``register-<folder>``.
+    The structure model also holds ``model.onnx`` (``passray.export.to_onnx``) when onnx is installed."""
+    from passray.export import ONNX_FILE, OnnxUnavailable, load_pruned, to_onnx
     from passray.hypernet import load_hypernet
 
     export_dir = Path(export_dir)
@@ -167,11 +172,15 @@ def register_export(export_dir: str | Path, run_id: str | None = None, *, tracki
         tracker.log_export(run_id, export_dir)
     tags, out = _version_tags(structure, spec, run_id), {"run_id": run_id}
     with tempfile.TemporaryDirectory(prefix="passray-register-") as staging:
-        staged = Path(staging) / "export"  # the structure model holds what load_pruned reads, plus masks.json
+        staged = Path(staging) / "export"  # the structure model: what load_pruned reads, masks.json, model.onnx
         staged.mkdir()
         for file in ("structure.json", "weights.safetensors"):
             shutil.copy2(export_dir / file, staged / file)
         (staged / "masks.json").write_text(json.dumps(masks_summary(structure), indent=1))
+        try:  # the served form; a missing optional package never fails a registration
+            to_onnx(staged)
+        except OnnxUnavailable as err:
+            _log.warning("registering %s without %s: %s", export_dir, ONNX_FILE, err)
         sources = {"structure": staged, **({"hypernet": export_dir / "hypernet"} if spec is not None else {})}
         for kind in sorted(sources):
             out[kind] = _log_and_register(tracker.uri, kind, sources[kind], run_id, tags, structure, alias)
@@ -256,18 +265,46 @@ def _required(client: Any, uri: str) -> Any:
     return version
 
 
+def _cached_version(store: str, version: Any) -> Path:
+    """Where ``resolve`` keeps a registered version: ``$PASSRAY_MODEL_CACHE`` or ``~/.cache/passray/models``,
+    then ``NAME/VERSION-DIGEST``; the digest (store, creation time, run) tells apart two stores, and a
+    version number given again after its model was deleted."""
+    root = Path(os.environ.get(MODEL_CACHE_ENV) or "~/.cache/passray/models").expanduser()
+    identity = json.dumps([store, version.name, str(version.version), version.creation_timestamp, version.run_id])
+    return root / version.name / f"{version.version}-{hashlib.sha256(identity.encode()).hexdigest()[:12]}"
+
+
 def resolve(uri: str, *, tracking_uri: str | None = None, dst: str | Path | None = None) -> Path:
-    """Download ``models:/NAME/VERSION`` or ``models:/NAME@ALIAS`` into ``dst`` (default: a new temp dir)."""
+    """Download ``models:/NAME/VERSION`` or ``models:/NAME@ALIAS`` into ``dst``.
+
+    Without ``dst``, into a cache of registered versions (``_cached_version``) that later resolves
+    of the same version reuse, instead of a temp dir nobody deletes: a registered version is a
+    snapshot, and the directory outlives the call (``load_registered_structure`` returns it).
+    Read it, do not write to it: later resolves of the version return the same directory."""
     import mlflow
 
     store = resolve_uri(tracking_uri)
     with _mlflow_at(store) as client:
         version = _required(client, uri)  # pin the version an alias points at now
-        target = Path(dst) if dst is not None else Path(tempfile.mkdtemp(prefix="passray-model-"))
-        target.mkdir(parents=True, exist_ok=True)
-        local = mlflow.artifacts.download_artifacts(f"models:/{version.name}/{version.version}", dst_path=str(target),
-                                                    tracking_uri=store, registry_uri=store)
-    return Path(local)
+        source = f"models:/{version.name}/{version.version}"
+        if dst is not None:
+            Path(dst).mkdir(parents=True, exist_ok=True)
+            return Path(mlflow.artifacts.download_artifacts(source, dst_path=str(dst), tracking_uri=store,
+                                                            registry_uri=store))
+        target = _cached_version(store, version)
+        if target.is_dir():
+            return target
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+        try:
+            mlflow.artifacts.download_artifacts(source, dst_path=str(staging), tracking_uri=store, registry_uri=store)
+            os.rename(staging, target)  # whole or absent; a concurrent resolve that got there first wins
+        except OSError:
+            if not target.is_dir():
+                raise
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    return target
 
 
 def _artifact_dir(model_dir: Path, key: str) -> Path:
