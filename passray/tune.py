@@ -12,6 +12,7 @@ trial is an MLflow child run of one parent run per experiment.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
@@ -21,7 +22,8 @@ from typing import Any
 import ray
 from ray import tune
 
-from passray._cli import format_table, load_from_args, make_parser, next_free, run_cli
+from passray._cli import load_from_args, make_parser, next_free, run_cli
+from passray._tune_report import TrialTable, dense_row, pareto_front, trial_name, trial_rows, write_results
 from passray.config import Config, ConfigError, apply_overrides, validate
 from passray.pipeline import Runtime, pretrain, run
 from passray.tracking import Tracker, resolve_uri
@@ -30,8 +32,10 @@ from passray.train import copy_export, fit, scalar_metrics, storage_uri
 __all__ = ["build_space", "check_tracking_reaches_trials", "main", "pareto_front", "pretrain_on_cluster"]
 
 SPACE_TYPES = ("int", "uniform", "loguniform", "choice")
-RESULT_COLUMNS = ["trial", "prompt.kind", "prompt.size", "hypernet.hidden_size", "budget.keep_ratio", "macs_ratio",
-                  "val_accuracy", "test_accuracy", "status"]
+# Ray's new console engine ignores a progress_reporter and prints each trial's config and results;
+# TBX (TensorBoard) logging is on by default and prints a hint for a tool passray does not use.
+# Both are switched off by Ray's documented variables, unless the user set them.
+CONSOLE_ENV = {"RAY_AIR_NEW_OUTPUT": "0", "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1"}
 
 
 # ---------------------------------------------------------------- search space
@@ -118,21 +122,23 @@ def _restored() -> dict[str, Any] | None:
         return load_state(directory)
 
 
-def run_trial(config: dict[str, Any]) -> None:
-    """Tune's trainable: one pruning job for one point of the search space."""
-    cfg = trial_config(config["base"], config["values"])
+def run_trial(values: dict[str, Any], *, job: dict[str, Any]) -> None:
+    """Tune's trainable: one pruning job for one point of the search space.
+
+    ``values`` (the trial's config) holds only the sampled values, so that Tune's trial config is
+    what was searched; the base config and the MLflow parent come in ``job`` (``tune.with_parameters``)."""
+    cfg = trial_config(job["base"], values)
     context = tune.get_context()
-    tracker = Tracker(config["tracking_uri"], check=False)
-    child = tracker.start_child(
-        config["parent_run_id"], context.get_trial_name(), params={**cfg.flat(), **config["values"]})
+    tracker = Tracker(job["tracking_uri"], check=False)
+    child = tracker.start_child(job["parent_run_id"], context.get_trial_name(), params={**cfg.flat(), **values})
     try:
         if cfg.train.num_workers == 0:
             run(cfg, Runtime(reporter=_TuneReporter(tracker, child, cfg), restored=_restored(), progress=False))
         else:
             from ray.tune.integration.ray_train import TuneReportCallback
 
-            _, checkpoint = fit(cfg, name=f"{config['experiment']}-{context.get_trial_id()}",
-                                callbacks=[TuneReportCallback()], mlflow_run=(config["tracking_uri"], child))
+            _, checkpoint = fit(cfg, name=f"{job['experiment']}-{context.get_trial_id()}",
+                                callbacks=[TuneReportCallback()], mlflow_run=(job["tracking_uri"], child))
             with tempfile.TemporaryDirectory(prefix="passray-export-") as export:
                 tracker.log_export(child, copy_export(checkpoint, export))
             tracker.log_config(child, cfg)
@@ -143,29 +149,21 @@ def run_trial(config: dict[str, Any]) -> None:
 
 
 # ---------------------------------------------------------------- driver
-def pareto_front(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Rows not dominated in (higher val_accuracy, lower macs_ratio)."""
-    done = [r for r in rows if r.get("status") == "done" and r.get("val_accuracy") is not None
-            and r.get("macs_ratio") is not None]
-    front = [r for r in done if not any(
-        o["val_accuracy"] >= r["val_accuracy"] and o["macs_ratio"] <= r["macs_ratio"]
-        and (o["val_accuracy"] > r["val_accuracy"] or o["macs_ratio"] < r["macs_ratio"]) for o in done)]
-    return sorted(front, key=lambda r: r["macs_ratio"])
-
-
 def _tune_config(cfg: Config, slots: int):
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.optuna import OptunaSearch
 
     if cfg.tune.objective == "multi":
         searcher = OptunaSearch(metric=["val_accuracy", "macs_ratio"], mode=["max", "min"], seed=cfg.seed)
-        return tune.TuneConfig(search_alg=searcher, num_samples=cfg.tune.num_samples, max_concurrent_trials=slots)
+        return tune.TuneConfig(search_alg=searcher, num_samples=cfg.tune.num_samples, max_concurrent_trials=slots,
+                               trial_name_creator=trial_name, trial_dirname_creator=trial_name)
     # max_t well above any trial's number of reports (epochs are searchable): ASHA only stops at
     # its rungs, and a trial that finishes reports its final, exported result.
     scheduler = ASHAScheduler(max_t=10_000, grace_period=cfg.tune.grace_period,
                               reduction_factor=cfg.tune.reduction_factor)
     return tune.TuneConfig(metric="val_accuracy", mode="max", search_alg=OptunaSearch(seed=cfg.seed),
-                           scheduler=scheduler, num_samples=cfg.tune.num_samples, max_concurrent_trials=slots)
+                           scheduler=scheduler, num_samples=cfg.tune.num_samples, max_concurrent_trials=slots,
+                           trial_name_creator=trial_name, trial_dirname_creator=trial_name)
 
 
 def _slots(cfg: Config, driver_cpus: float) -> int:
@@ -180,48 +178,28 @@ def _slots(cfg: Config, driver_cpus: float) -> int:
     return max(1, int(fits))
 
 
-def _rows(results) -> list[dict[str, Any]]:
-    rows = []
-    for result in results:
-        metrics = result.metrics or {}
-        values = (result.config or {}).get("values", {})
-        merged = {**{k: (result.config or {}).get("base_flat", {}).get(k) for k in RESULT_COLUMNS}, **values}
-        rows.append({**merged, "trial": metrics.get("trial_id", "-"),
-                     "macs_ratio": metrics.get("macs_ratio"), "val_accuracy": metrics.get("val_accuracy"),
-                     "test_accuracy": metrics.get("test_accuracy"), "mlflow_run_id": metrics.get("mlflow_run_id"),
-                     "node_id": metrics.get("node_id"),
-                     "status": "ERROR" if result.error else metrics.get("stage", "-")})
-    return rows
+@contextlib.contextmanager
+def _console_env():
+    """``CONSOLE_ENV`` while Tune runs; a variable the user set keeps its value."""
+    added = {k: v for k, v in CONSOLE_ENV.items() if k not in os.environ}
+    os.environ.update(added)
+    try:
+        yield
+    finally:
+        for key in added:
+            os.environ.pop(key, None)
 
 
-def _report(rows: list[dict[str, Any]], front: list[dict[str, Any]], out: Path, tracker: Tracker, parent: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    table = format_table(rows, RESULT_COLUMNS)
-    front_table = format_table(front, RESULT_COLUMNS)
-    fig, ax = plt.subplots(figsize=(6, 4))
-    done = [r for r in rows if r["status"] == "done" and r["val_accuracy"] is not None]
-    ax.scatter([r["macs_ratio"] for r in done], [r["val_accuracy"] for r in done], label="trials", alpha=0.6)
-    ax.plot([r["macs_ratio"] for r in front], [r["val_accuracy"] for r in front], "o-", color="C3", label="Pareto front")
-    ax.set_xlabel("MACs kept (fraction of dense)")
-    ax.set_ylabel("val accuracy")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out / "pareto.png", dpi=120)
-    (out / "results.json").write_text(json.dumps({"trials": rows, "pareto_front": front}, indent=1, default=str))
-    (out / "results.txt").write_text(f"{table}\n\nPareto front:\n{front_table}\n")
+def _report(cfg: Config, rows: list[dict[str, Any]], front: list[dict[str, Any]], dense: dict[str, Any] | None,
+            out: Path, tracker: Tracker, parent: str) -> None:
+    title = f"{cfg.tune.name}: {cfg.method} on {cfg.data.name}, {cfg.model.arch} ({len(rows)} trials)"
+    table, front_table = write_results(out, rows, front, dense, list(cfg.tune.space), title)
     for name in ("pareto.png", "results.json", "results.txt"):
         tracker.client.log_artifact(parent, str(out / name))
-    best = max((r["val_accuracy"] for r in done), default=None)
-    if best is not None:
-        tracker.log_metrics(parent, {"best_val_accuracy": best, "pareto_size": len(front)})
-    plt.close(fig)
-    print(table)
-    print("\nPareto front (val accuracy vs MACs kept):")
-    print(front_table)
+    finished = [r["val_accuracy"] for r in rows if r["status"] == "done" and r["val_accuracy"] is not None]
+    if finished:
+        tracker.log_metrics(parent, {"best_val_accuracy": max(finished), "pareto_size": len(front)})
+    print(f"\n{table}\n\nPareto front (val accuracy vs MACs kept):\n{front_table}")
     print(f"\nsaved {out}/results.json, results.txt, pareto.png")
 
 
@@ -297,22 +275,23 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         tracker.log_config(state["parent_run_id"], cfg)
     state_file.write_text(json.dumps(state, indent=1))
     per_trial = cfg.tune.cpus_per_trial if cfg.train.num_workers == 0 else 0.5
-    trainable = tune.with_resources(run_trial, {"CPU": per_trial})
-    param_space = {"base": base, "values": space, "tracking_uri": uri, "parent_run_id": state["parent_run_id"],
-                   "experiment": cfg.tune.name, "base_flat": cfg.flat()}
+    job = {"base": base, "tracking_uri": uri, "parent_run_id": state["parent_run_id"], "experiment": cfg.tune.name}
+    trainable = tune.with_resources(tune.with_parameters(run_trial, job=job), {"CPU": per_trial})
     if args.resume:
-        tuner = tune.Tuner.restore(str(exp_dir), trainable, resume_unfinished=True, resume_errored=True,
-                                   param_space=param_space)
+        tuner = tune.Tuner.restore(str(exp_dir), trainable, resume_unfinished=True, resume_errored=True)
     else:
-        tuner = tune.Tuner(trainable, param_space=param_space,
-                           tune_config=_tune_config(cfg, _slots(cfg, per_trial)),
+        from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
+
+        tuner = tune.Tuner(trainable, param_space=space, tune_config=_tune_config(cfg, _slots(cfg, per_trial)),
                            run_config=tune.RunConfig(name=cfg.tune.name, storage_path=storage,
                                                      failure_config=tune.FailureConfig(max_failures=cfg.tune.max_trial_failures),
-                                                     verbose=1))
-    results = tuner.fit()
-    rows = _rows(results)
+                                                     verbose=1, progress_reporter=TrialTable(list(space)),
+                                                     callbacks=[CSVLoggerCallback(), JsonLoggerCallback()]))
+    with _console_env():
+        results = tuner.fit()
+    rows = trial_rows(results, cfg.flat())
     front = pareto_front(rows)
-    _report(rows, front, exp_dir, tracker, state["parent_run_id"])
+    _report(cfg, rows, front, dense_row(state.get("dense"), rows), exp_dir, tracker, state["parent_run_id"])
     if cfg.tracking.register_best:
         _register(cfg, rows, front, uri)
     failed = sum(1 for r in rows if r["status"] == "ERROR")
