@@ -101,11 +101,12 @@ class CostModel:
     def _add_terms(module: nn.Module, name: str, i: int, shapes: dict[str, LayerShape],
                    terms: dict[str, torch.Tensor], controlled_out: set[str]) -> None:
         depthwise = is_depthwise(module)
-        if isinstance(module, _LAYERS) and name in shapes:  # layers that never run (aux heads) cost no MACs
+        if isinstance(module, _LAYERS):
             groups = 1 if isinstance(module, nn.Linear) else module.groups
             kernel = module.weight[0, 0].numel()
             per_position = (1, kernel) if depthwise else (0, kernel / groups)  # (row, coefficient)
-            terms["macs"][per_position[0], i] += per_position[1] * shapes[name].spatial
+            if name in shapes:  # layers that never run (aux heads in eval mode) cost no MACs, but have weights
+                terms["macs"][per_position[0], i] += per_position[1] * shapes[name].spatial
             terms["params"][per_position[0], i] += per_position[1]
         out_channels = _dims(module)[0]
         for pname, p in module.named_parameters(recurse=False):
@@ -125,11 +126,14 @@ class CostModel:
         """Cost for each row of ``kept`` ([N, G] channels kept per group) -> [N]."""
         if kind not in self.terms:
             raise ValueError(f"unknown budget kind {kind!r}; choose one of {', '.join(self.terms)}")
-        removed = self.widths.to(kept.dtype) - kept
-        out = self.out_size - removed @ self.a_out
-        inp = self.in_size - removed @ self.a_in
+        out, inp = self.layer_sizes(kept)
         t = self.terms[kind]
         return (out * inp) @ t[0] + out @ t[1] + inp @ t[2] + t[3].sum()
+
+    def layer_sizes(self, kept: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Out- and in-sizes ([N, M] each) of every layer column for each row of ``kept`` ([N, G])."""
+        removed = self.widths.to(kept.dtype) - kept
+        return self.out_size - removed @ self.a_out, self.in_size - removed @ self.a_in
 
     def marginal(self, kept: torch.Tensor, kind: str = "macs") -> torch.Tensor:
         """[G]: cost saved by removing one more channel of each group from ``kept`` ([G])."""

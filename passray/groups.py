@@ -12,8 +12,10 @@ the masked network compute exactly what the physically pruned one computes.
 
 from __future__ import annotations
 
+import signal
+import threading
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Sequence, TypeVar
 
 import torch
 import torch.nn as nn
@@ -21,9 +23,14 @@ import torch_pruning as tp
 
 from passray._cost import _LAYERS, CostModel, LayerShape, is_depthwise, trace_layer_shapes
 
-__all__ = ["ChannelGroup", "ChannelGroups", "count_macs_params"]
+__all__ = ["TRACE_LIMIT_S", "ChannelGroup", "ChannelGroups", "count_macs_params"]
 
 _NORMS = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm, nn.modules.instancenorm._InstanceNorm)
+# Deriving the groups of ResNet-152 or DenseNet-201 takes under a minute on 2 busy CPU cores; Torch-Pruning's
+# grouping of timm's rexnet_100 runs for hours. Ten times the slowest real case still ends such a hang.
+TRACE_LIMIT_S = 600.0
+_ALARM_REPEAT_S = 0.5
+_T = TypeVar("_T")
 
 
 @dataclass
@@ -75,39 +82,55 @@ class ChannelGroups:
     Build once per model instance: the Torch-Pruning groups hold references to its modules.
     """
 
-    def __init__(self, model: nn.Module, example_input: torch.Tensor,
-                 ignored_layers: Sequence[nn.Module] = ()) -> None:
+    def __init__(self, model: nn.Module, example_input: torch.Tensor, ignored_layers: Sequence[nn.Module] = (),
+                 trace_limit_s: float = TRACE_LIMIT_S) -> None:
+        """Deriving the groups is refused (``ValueError``) when Torch-Pruning fails or takes over ``trace_limit_s``."""
         self.model = model
         self.input_shape = tuple(example_input.shape[1:])
         was_training = model.training
         model.eval()
         names = {m: n for n, m in model.named_modules()}
         order = {n: i for i, n in enumerate(names.values())}
-        self.groups: list[ChannelGroup] = []
-        self.left_whole: dict[str, str] = {}  # group name -> why it is not pruned
+        label = type(model).__name__
         try:
-            self.dg = tp.DependencyGraph().build_dependency(model, example_inputs=example_input, verbose=False)
-            for tp_group in self.dg.get_all_groups(ignored_layers=list(ignored_layers),
-                                                   root_module_types=[nn.Conv2d, nn.Linear]):
-                group = self._convert(tp_group, names)
-                reason = _unsupported(group, model) if group is not None else None
-                if reason:
-                    self.left_whole[group.name] = reason
-                elif group is not None:
-                    self.groups.append(group)
-        except (RuntimeError, ValueError, ZeroDivisionError, IndexError, KeyError) as err:
-            raise ValueError(f"{type(model).__name__}: Torch-Pruning cannot derive its channel groups "
-                             f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})") from None
+            self.dg, self.groups, self.left_whole = _time_limited(
+                lambda: self._trace(model, example_input, ignored_layers, names), trace_limit_s)
+        except _OutOfTime:
+            raise ValueError(f"{label}: Torch-Pruning did not finish deriving its channel groups within "
+                             f"{trace_limit_s:g} s (it loops for hours on some graphs, e.g. timm rexnet); "
+                             "choose another model.arch") from None
+        except Exception as err:  # whatever breaks inside Torch-Pruning's tracing is one user-facing problem
+            first_line = str(err).splitlines()[0] if str(err) else ""
+            raise ValueError(f"{label}: Torch-Pruning cannot derive its channel groups "
+                             f"({type(err).__name__}: {first_line})") from None
+        finally:
+            model.train(was_training)
         if not self.groups:
             why = f" (left whole: {'; '.join(sorted(set(self.left_whole.values())))})" if self.left_whole else ""
-            raise ValueError(f"no prunable channel groups found in {type(model).__name__}{why}")
+            raise ValueError(f"no prunable channel groups found in {label}{why}")
         shapes = trace_layer_shapes(model, example_input)  # filled by forward hooks: in execution order
         executed = {name: i for i, name in enumerate(shapes)}
         # network order, for the LSTM: the order layers run in, not the order they were registered in
         self.groups.sort(key=lambda g: (executed.get(g.name, len(executed)), order[g.name]))
-        model.train(was_training)
         self.cost = CostModel.build(model, shapes, self.groups)
         self._gates: _Gates | None = None  # hooks exist only while masks are set
+
+    @classmethod
+    def _trace(cls, model: nn.Module, example_input: torch.Tensor, ignored_layers: Sequence[nn.Module],
+               names: dict[nn.Module, str]) -> tuple[object, list[ChannelGroup], dict[str, str]]:
+        """Torch-Pruning's dependency graph, the prunable groups, and why the others are left whole."""
+        dg = tp.DependencyGraph().build_dependency(model, example_inputs=example_input, verbose=False)
+        groups, left_whole = [], {}
+        for tp_group in dg.get_all_groups(ignored_layers=list(ignored_layers), root_module_types=[nn.Conv2d, nn.Linear]):
+            group = cls._convert(tp_group, names)
+            if group is None:
+                continue
+            reason = _unsupported(group, model)
+            if reason:
+                left_whole[group.name] = reason
+            else:
+                groups.append(group)
+        return dg, groups, left_whole
 
     @staticmethod
     def _convert(tp_group, names: dict[nn.Module, str]) -> ChannelGroup | None:
@@ -185,6 +208,55 @@ class ChannelGroups:
 
     def pruning_history(self) -> list:
         return [[name, bool(is_out), [int(i) for i in idxs]] for name, is_out, idxs in self.dg.pruning_history()]
+
+
+class _OutOfTime(BaseException):
+    """Raised inside a time-limited call when its time is up (not an ``Exception``: traced code may catch those)."""
+
+
+def _time_limited(fn: Callable[[], _T], seconds: float) -> _T:
+    """``fn()``, or ``_OutOfTime`` after ``seconds`` of wall-clock time.
+
+    In the main thread (the CLIs) SIGALRM interrupts ``fn`` in place: Torch-Pruning's hangs are
+    pure Python loops. The alarm repeats, because Torch-Pruning's tracing retries a failed forward
+    under a bare ``except:`` that swallows the first one. Elsewhere (Ray Train runs the train
+    function in a thread), or when someone else's alarm is pending, ``fn`` runs in a daemon thread
+    that is abandoned when time is up.
+    """
+    if (threading.current_thread() is threading.main_thread() and hasattr(signal, "setitimer")
+            and signal.getitimer(signal.ITIMER_REAL)[0] == 0):
+        armed = True
+
+        def on_alarm(signum, frame) -> None:
+            if armed:
+                raise _OutOfTime
+
+        previous = signal.signal(signal.SIGALRM, on_alarm)
+        signal.setitimer(signal.ITIMER_REAL, seconds, _ALARM_REPEAT_S)
+        try:
+            try:
+                return fn()
+            finally:
+                armed = False
+        finally:  # an alarm that lands in the inner ``finally`` still reaches this one: the next is far off
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, previous)
+    outcome: dict[str, object] = {}
+
+    def run() -> None:
+        try:
+            outcome["value"] = fn()
+        except BaseException as err:  # handed to the caller's thread below
+            outcome["error"] = err
+
+    worker = threading.Thread(target=run, name="passray-trace", daemon=True)
+    worker.start()
+    worker.join(seconds)
+    if worker.is_alive():
+        raise _OutOfTime
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
 
 
 class _Gates:

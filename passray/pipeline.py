@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import save_file
 
-from passray import engine
+from passray import dense_cache, engine
 from passray._cost import CostModel
 from passray._state_io import save_state
 from passray.budget import Allocator
@@ -37,6 +37,7 @@ from passray.models import backbone_id, classifier, create_backbone
 from passray.network import PrunableNet
 from passray.profile import load_or_build_table
 from passray.prompts import create_prompt
+from passray.prunability import check_prunable
 
 __all__ = ["NullReporter", "Reporter", "Runtime", "pretrain", "run"]
 
@@ -88,6 +89,7 @@ class _Run:
             self.meta.update(self.restored["meta"])
         self.hypernet: PassHypernet | None = None
         self.masks: list[torch.Tensor] | None = None
+        self.teacher: nn.Module | None = None  # the dense network, kept for fine-tune distillation
         self.started = time.time()
 
     # -------------------------------------------------------------- helpers
@@ -109,6 +111,8 @@ class _Run:
             state["hypernet"] = self.hypernet.state_dict()
         if self.masks is not None:
             state["masks"] = [m.detach().cpu() for m in self.masks]
+        if self.teacher is not None:  # a resumed run cannot rebuild it: pretraining is over, search moved the head
+            state["teacher"] = self.teacher.state_dict()
         if getattr(self, "optimizer", None) is not None:
             state["optimizer"] = self.optimizer.state_dict()
             state["scheduler"] = self.scheduler.state_dict()
@@ -124,7 +128,7 @@ class _Run:
     # -------------------------------------------------------------- stages
     def _fit(self, stage: str, module: nn.Module, params: list[nn.Parameter], ocfg: OptimConfig,
              on_epoch_start: Callable[[int], None] | None = None, evaluate: Callable[[], dict] | None = None,
-             on_step: Callable[[int], None] | None = None) -> None:
+             on_step: Callable[[int], None] | None = None, distill: engine.Distillation | None = None) -> None:
         """Epoch loop shared by pretrain, search and fine-tune; resumes mid-stage."""
         if ocfg.epochs == 0 or self._done(stage, ocfg.epochs - 1):
             return
@@ -152,6 +156,7 @@ class _Run:
 
             train = engine.run_epoch(wrapped, loaders.train, self.device, optimizer=self.optimizer,
                                      scheduler=self.scheduler, amp=self.amp, label_smoothing=ocfg.label_smoothing,
+                                     distill=distill,
                                      on_step=step_hook, step_offset=start,
                                      desc=f"{stage} {epoch + 1}/{ocfg.epochs}", progress=self.rt.progress)
             seconds = time.perf_counter() - tic  # run_epoch ends in a host read: the device is done
@@ -165,6 +170,39 @@ class _Run:
                           "images_per_second": len(loaders.train) * loaders.train.batch_size * self.rt.world_size / seconds,
                           **{k: v for k, v in val.items() if k not in ("loss", "accuracy")}})
         self.optimizer = None
+
+    def _dense_teacher(self) -> nn.Module | None:
+        """A frozen copy of the dense network (backbone with its own head, as loaded or pretrained) when
+        fine-tune distils; taken before search, which trains the head on masked features."""
+        if self.cfg.finetune.distill.weight == 0 or self.cfg.finetune.epochs == 0:
+            return None
+        with torch.random.fork_rng(devices=[]):  # building it must not shift the run's random stream
+            teacher = create_backbone(self.cfg.model.model_copy(update={"weights": None}), self.ds.num_classes)
+        restored = self.restored is not None and "teacher" in self.restored
+        teacher.load_state_dict(self.restored["teacher"] if restored else self.net.backbone.state_dict())
+        if self.cfg.channels_last and self.device.type == "cuda":
+            teacher = teacher.to(memory_format=torch.channels_last)
+        return teacher.to(self.device).eval().requires_grad_(False)
+
+    def _distillation(self) -> engine.Distillation | None:
+        """Fine-tune's KD from the dense network, for PASS and every baseline alike.
+
+        The teacher is the dense network with its *own* head, fed the raw batch (it never had a
+        prompt). Where that head was never trained on these classes (a new head: the ``shifted``
+        setting, a random network) there is no dense teacher, and the head search or head training
+        fitted to *masked* features is no classifier of dense ones: a dense network that validates no
+        better than the pruned student does before fine-tuning is refused, not distilled from.
+        """
+        if self.teacher is None:
+            return None
+        results = self.meta["results"]
+        dense, student = results["dense_val_accuracy"], results["val_accuracy_before_finetune"]  # the teacher's val
+        if dense <= student:
+            raise ValueError(f"finetune.distill.weight={self.cfg.finetune.distill.weight}: the dense teacher "
+                             f"(val accuracy {dense:.4f}) is no better than the pruned student before fine-tuning "
+                             f"({student:.4f}); is its head new (not trained on these classes)? Set it to 0 here")
+        distill = self.cfg.finetune.distill
+        return engine.Distillation(self.teacher, distill.weight, distill.temperature)
 
     def _val_and_test(self) -> dict[str, float]:
         """Fine-tune epochs also report test accuracy (for reporting only: no decision reads it)."""
@@ -348,15 +386,79 @@ class _Run:
             backbone = backbone.to(memory_format=torch.channels_last)
         self.net = PrunableNet(backbone, create_prompt(cfg.prompt, self.ds.image_size)).to(self.device)
 
+    def _pretrain(self) -> dict[str, Any] | None:
+        """Dense training, or the backbone an earlier run trained from the same ``dense_cache.dense_key``.
+
+        Sets ``pretrain_seconds`` (run start to dense backbone ready: what a search's time must not
+        include) and, when there is pretraining, ``dense_reused``. Returns the cache record (val/test
+        accuracy of the dense backbone), None when the cache is off or there is no pretraining.
+        """
+        cfg, results = self.cfg, self.meta["results"]
+        if cfg.pretrain.epochs == 0 or self._done("pretrain", cfg.pretrain.epochs - 1):
+            results.setdefault("pretrain_seconds", time.time() - self.started)
+            return None
+        key = dense_cache.dense_key(cfg, self.device, self.rt.world_size) if cfg.pretrain.cache else None
+        record = self._reuse_dense(key) if key is not None and self.meta["stage"] is None else None
+        reused = record is not None
+        if reused:  # the rest of the run proceeds exactly as after training
+            self.meta.update(stage="pretrain", epoch=cfg.pretrain.epochs - 1)
+            self.meta["global_step"] += cfg.pretrain.epochs * len(self.loaders.train)
+        else:
+            tic = time.time()
+            backbone = self.net.backbone
+            self._fit("pretrain", backbone, list(backbone.parameters()), cfg.pretrain)
+            if key is not None:
+                record = self._store_dense(key, time.time() - tic)
+        results.update(dense_reused=reused, pretrain_seconds=time.time() - self.started)
+        return record
+
+    def _reuse_dense(self, key: dict[str, Any]) -> dict[str, Any] | None:
+        """Load the cached backbone of ``key`` if a sound one exists; its record (empty on ranks > 0), else None.
+
+        Rank 0 reads its cache; under DDP the other ranks take its answer and its weights, so
+        all agree whatever their own node's cache holds."""
+        backbone = self.net.backbone
+        found = dense_cache.load(key, backbone.state_dict()) if self.rt.rank == 0 else None
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        hit = torch.tensor([found is not None], dtype=torch.int32, device=self.device)
+        if distributed:
+            torch.distributed.broadcast(hit, src=0)
+        if not hit.item():
+            return None
+        record: dict[str, Any] = {}
+        if found is not None:
+            state, record = found
+            backbone.load_state_dict(state)
+            print(f"reusing dense backbone {record['path']} (trained {record['created'].replace('T', ' ')[:16]}, "
+                  f"val {100 * record['val_accuracy']:.1f} %)", flush=True)
+        if distributed:
+            for tensor in backbone.state_dict().values():
+                torch.distributed.broadcast(tensor, src=0)
+        return record
+
+    def _store_dense(self, key: dict[str, Any], seconds: float) -> dict[str, Any]:
+        """Rank 0 stores the freshly trained backbone under ``key``; every rank evaluates (a collective)."""
+        record = {**self._dense_accuracies(), "epochs": self.cfg.pretrain.epochs, "wall_seconds": seconds}
+        if self.rt.rank == 0:
+            path = dense_cache.store(key, self.net.backbone.state_dict(), record)
+            print(f"stored dense backbone {path} for reuse (val {100 * record['val_accuracy']:.1f} %)", flush=True)
+        return record
+
+    def _dense_accuracies(self) -> dict[str, float]:
+        return {split: engine.evaluate(self.net, loader, self.device, self.amp)["accuracy"]
+                for split, loader in (("val_accuracy", self.loaders.val), ("test_accuracy", self.loaders.test))}
+
     def execute(self) -> dict[str, Any]:
         cfg = self.cfg
         self.setup()
         backbone = self.net.backbone
+        check_prunable(backbone, self.ds.image_size, cfg.budget, backbone_id(cfg.model))  # refuse before any training
         if self.restored is not None and not self._done("search"):
             self.net.load_state_dict(self.restored["net"])
-        self._fit("pretrain", backbone, list(backbone.parameters()), cfg.pretrain)
+        self._pretrain()
         if self.restored is None or not self._done("search", -1):
             self.meta["results"]["dense_val_accuracy"] = engine.evaluate(self.net, self.loaders.val, self.device, self.amp)["accuracy"]
+        self.teacher = self._dense_teacher()
         self.groups = build_groups(backbone, self.ds.image_size)
         self.net.attach(self.groups)
         for name, why in self.groups.left_whole.items():
@@ -384,7 +486,8 @@ class _Run:
             self._prune()
         if self.meta["stage"] in (None, "pretrain", "search"):
             self.meta.update(stage="finetune", epoch=-1)
-        self._fit("finetune", self.net, list(self.net.parameters()), cfg.finetune, evaluate=self._val_and_test)
+        self._fit("finetune", self.net, list(self.net.parameters()), cfg.finetune, evaluate=self._val_and_test,
+                  distill=self._distillation())
         return self._finish()
 
     def _finish(self) -> dict[str, Any]:
@@ -439,22 +542,22 @@ def _overlap(a: list[list[int]], b: list[list[int]]) -> float:
 
 
 def pretrain(cfg: Config, path: str | Path, runtime: Runtime | None = None) -> dict[str, Any]:
-    """Dense training only; saves the backbone to ``path`` (safetensors) for ``model.weights``.
+    """Dense training only (or its cached result, ``pretrain.cache``); saves the backbone to ``path``
+    (safetensors) for ``model.weights``.
 
     One checkpoint reused by every method, seed and trial is what makes comparisons fair.
     """
     job = _Run(cfg, runtime or Runtime())
     job.setup()
-    job._fit("pretrain", job.net.backbone, list(job.net.backbone.parameters()), cfg.pretrain)
-    val = engine.evaluate(job.net, job.loaders.val, job.device, job.amp)["accuracy"]
-    test = engine.evaluate(job.net, job.loaders.test, job.device, job.amp)["accuracy"]
+    dense = job._pretrain() or job._dense_accuracies()
     if job.rt.rank == 0:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         partial = path.with_name(f".{path.name}.partial")  # a crash never leaves a file that looks finished
         save_file({k: v.detach().cpu().contiguous() for k, v in job.net.backbone.state_dict().items()}, str(partial))
         partial.replace(path)
-    return {"val_accuracy": val, "test_accuracy": test, "path": str(path), "wall_seconds": time.time() - job.started}
+    return {"val_accuracy": dense["val_accuracy"], "test_accuracy": dense["test_accuracy"], "path": str(path),
+            "wall_seconds": time.time() - job.started, "dense_reused": job.meta["results"].get("dense_reused", False)}
 
 
 def run(cfg: Config, runtime: Runtime | None = None) -> dict[str, Any]:

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 
 from passray.budget import Allocator
 from passray.config import BudgetConfig, ModelConfig
 from passray.export import build_groups, check_equivalence
-from passray.groups import count_macs_params
+from passray.groups import ChannelGroups, count_macs_params
 from passray.models import create_backbone
 
 ARCHS = ["resnet18", "resnet50", "vgg16_bn", "mobilenet_v2", "timm:efficientnet_b0", "resnet8",
@@ -113,6 +115,63 @@ def test_groups_that_masks_cannot_simulate_are_left_whole(arch: str, reason: str
     groups = build_groups(_model(arch), 32)
     assert groups.left_whole and all(reason in why for why in groups.left_whole.values())
     assert not set(groups.left_whole) & set(groups.names)
+
+
+class _Stalls(torch.nn.Module):
+    """A network whose forward (which Torch-Pruning's tracing runs) waits until released: a hang seen from outside."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 1)
+        self.head = torch.nn.Linear(4, 2)
+        self.release = threading.Event()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.release.wait(120)
+        return self.head(self.conv(x).mean((2, 3)))
+
+
+@pytest.mark.parametrize("thread", ["main", "worker"])  # CLIs trace in the main thread, Ray Train in a worker thread
+def test_tracing_past_the_time_limit_is_refused(thread: str) -> None:
+    model = _Stalls()
+    errors: list[BaseException] = []
+
+    def trace() -> None:
+        try:
+            ChannelGroups(model, torch.zeros(1, 3, 8, 8), [model.head], trace_limit_s=0.2)
+        except BaseException as err:  # handed to the assertions below
+            errors.append(err)
+
+    try:
+        if thread == "main":
+            trace()
+        else:
+            worker = threading.Thread(target=trace)
+            worker.start()
+            worker.join(60)
+    finally:
+        model.release.set()  # lets an abandoned tracing thread finish
+    assert len(errors) == 1 and isinstance(errors[0], ValueError), errors
+    assert "_Stalls: Torch-Pruning did not finish deriving its channel groups within 0.2 s" in str(errors[0])
+    assert "\n" not in str(errors[0])
+
+
+def test_any_tracing_error_is_one_line() -> None:
+    """Not only the error types Torch-Pruning was seen to raise: timm dpn68 raised a TypeError."""
+
+    class Broken(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 4, 1)
+            self.head = torch.nn.Linear(4, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.conv(x).mean((2, 3)) + None)
+
+    model = Broken()
+    with pytest.raises(ValueError, match=r"Broken: Torch-Pruning cannot derive its channel groups \(TypeError: ") as err:
+        build_groups(model, 8)
+    assert "\n" not in str(err.value)
 
 
 def test_untraceable_model_gives_one_line_error() -> None:

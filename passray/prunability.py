@@ -1,0 +1,210 @@
+"""Can this backbone be pruned exactly? A trial run up front, before any training.
+
+Torch-Pruning traces most CNNs, but on some graphs (timm cspnet, ghostnet, mixnet, nfnet,
+sknet, res2net, ...) its groups are wrong in ways that show only when the network is
+physically pruned: after the search, an hour into a run, as a bare traceback. The trial
+finds that in seconds. On a copy whose norm layers and biases are randomised (so a
+wrongly gated channel shows), it masks a random subset of every group, prunes the copy
+and checks that masked == pruned, that the cost model counts the pruned layers exactly,
+and that the pruned weights reload from safetensors. A failure is located by bisection
+over the groups (in network order) and refused in one line naming the first bad group.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import NoReturn
+
+import torch
+import torch.nn as nn
+from safetensors.torch import load as load_bytes
+from safetensors.torch import save as save_bytes
+
+from passray._cost import _LAYERS, _dims
+from passray.budget import Allocator
+from passray.config import BudgetConfig
+from passray.export import build_groups, check_equivalence, exact_fp32, load_tensors
+from passray.groups import _NORMS, ChannelGroup, ChannelGroups, count_macs_params
+
+__all__ = ["check_prunable"]
+
+_ADVICE = "choose another model.arch (Torch-Pruning does not prune this one exactly)"
+_COUNT_TOLERANCE = 1e-6  # relative: the cost model is exact, this only absorbs float64 rounding
+
+
+def check_prunable(backbone: nn.Module, image_size: int, budget: BudgetConfig, arch: str, seed: int = 0) -> None:
+    """Return if ``backbone`` prunes exactly under ``budget``'s constraints; else raise a one-line ``ValueError``.
+
+    ``arch`` names the backbone in the message. ``backbone`` itself is left untouched (the trial
+    runs on copies) and so is the global random state.
+    """
+    device = _device(backbone)
+    cuda = [torch.cuda.current_device() if device.index is None else device.index] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):  # dropout in the training-mode forward must not move the run's RNG
+        model, groups = _prepared(backbone, image_size, arch)
+        found = _mapped_outside(groups) or _shrunk_below_one(groups, budget)
+        if found is not None:
+            _refuse(arch, backbone, groups, *found)
+        masks = _random_masks(groups, budget, seed)
+        x = torch.randn(2, 3, image_size, image_size, generator=torch.Generator().manual_seed(seed)).to(device)
+        cause = _attempt(model, groups, masks, x)
+        if cause is not None:
+            _refuse(arch, backbone, groups, *_first_bad_group(backbone, image_size, arch, masks, x, cause))
+        _check_budget_reachable(groups, budget, arch)
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _prepared(backbone: nn.Module, image_size: int, arch: str) -> tuple[nn.Module, ChannelGroups]:
+    """An eval-mode copy of ``backbone`` with randomised norms and biases, and its channel groups."""
+    model = copy.deepcopy(backbone).eval()
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.running_mean is not None:
+                module.running_mean.copy_(torch.randn(module.running_mean.shape, generator=generator) * 0.1)
+                module.running_var.copy_(torch.rand(module.running_var.shape, generator=generator) + 0.5)
+            if isinstance(module, _NORMS) and getattr(module, "weight", None) is not None:
+                module.weight.copy_(torch.rand(module.weight.shape, generator=generator) + 0.5)
+            if isinstance(module, (*_NORMS, *_LAYERS)) and getattr(module, "bias", None) is not None:
+                module.bias.copy_(torch.randn(module.bias.shape, generator=generator) * 0.1)
+    try:
+        return model, build_groups(model, image_size)
+    except ValueError as err:
+        raise ValueError(f"{arch}: cannot be pruned: {err}; {_ADVICE}") from None
+
+
+def _refuse(arch: str, backbone: nn.Module, groups: ChannelGroups, index: int, cause: str) -> NoReturn:
+    group = groups.groups[index]
+    root = backbone.get_submodule(group.name)  # the dense original: the trial's copy may be pruned by now
+    layer = type(root).__name__ + (f" {_dims(root)[1]}->{_dims(root)[0]}" if isinstance(root, _LAYERS) else "")
+    raise ValueError(f"{arch}: cannot be pruned exactly: group {group.name} ({layer}, {group.width} channels, "
+                     f"{index + 1} of {len(groups)}): {cause}; {_ADVICE}")
+
+
+def _mapped_outside(groups: ChannelGroups) -> tuple[int, str] | None:
+    """The first group whose Torch-Pruning index mapping names channels a layer does not have, or one twice.
+
+    Its split/chunk/concat mapping goes wrong on some graphs (timm res2net, cspnet): pruning such
+    a group indexes out of range, and the cost model shrinks layers below zero channels.
+    """
+    for index, group in enumerate(groups.groups):
+        for item in group.items:
+            module = groups.module(item.module)
+            if not (isinstance(module, _LAYERS) or isinstance(module, _NORMS) and module.weight is not None):
+                continue  # no channel count to check against
+            channels = _dims(module)[0 if item.dim == "out" else 1]
+            idxs = item.idxs.tolist()
+            if idxs and (max(idxs) >= channels or len(set(idxs)) < len(idxs)):
+                return index, (f"Torch-Pruning maps its {group.width} channels onto {len(idxs)} {item.dim}-channels "
+                               f"up to index {max(idxs)} of {item.module}, which has {channels}")
+    return None
+
+
+def _floor(groups: ChannelGroups, budget: BudgetConfig) -> torch.Tensor:
+    """Fewest channels the allocator may keep per group: min_channels rounded up to round_to (as ``Allocator``)."""
+    step = budget.round_to
+    floor = -(-budget.min_channels // step) * step
+    return torch.clamp(groups.cost.widths, max=float(floor))
+
+
+def _shrunk_below_one(groups: ChannelGroups, budget: BudgetConfig) -> tuple[int, str] | None:
+    """The group that drives a layer of the cost model below one channel at the smallest allowed widths."""
+    cost = groups.cost
+    sizes = zip(("out", "in"), cost.layer_sizes(_floor(groups, budget)[None]), (cost.out_size, cost.in_size),
+                (cost.a_out, cost.a_in))
+    for dim, size, dense, share in sizes:
+        bad = torch.nonzero((size[0] < 1) & (dense >= 1)).flatten()
+        if len(bad):
+            column = int(bad[0])
+            index = int(share[:, column].argmax())
+            return index, (f"at min_channels={budget.min_channels} the cost model leaves a layer with "
+                           f"{float(size[0, column]):.0f} of its {float(dense[column]):.0f} {dim}-channels")
+    return None
+
+
+def _random_masks(groups: ChannelGroups, budget: BudgetConfig, seed: int) -> list[torch.Tensor]:
+    """About half of every group's channels, at random positions, never below the allocator's floor."""
+    step = budget.round_to
+    masks = []
+    for index, (width, floor) in enumerate(zip(groups.widths, _floor(groups, budget).long().tolist())):
+        keep = min(width, max(floor, -(-(width // 2) // step) * step))
+        if keep == width and floor < width:
+            keep = floor
+        chosen = torch.randperm(width, generator=torch.Generator().manual_seed(seed * 100_003 + index))[:keep]
+        masks.append(torch.zeros(width).index_fill_(0, chosen, 1.0))
+    return masks
+
+
+def _attempt(model: nn.Module, groups: ChannelGroups, masks: list[torch.Tensor], x: torch.Tensor) -> str | None:
+    """Mask, prune and reload ``model`` in place; None if every check holds, else what went wrong."""
+    stage = "the masked forward"
+    try:
+        with torch.no_grad(), exact_fp32():
+            groups.set_masks([m.to(x.device) for m in masks])
+            masked = model(x)
+            stage = "physical pruning"
+            groups.prune(masks)
+            stage = "the pruned forward"
+            pruned = model(x)
+            stage = "the comparison"
+            check_equivalence(masked, pruned)
+            measured = dict(zip(("macs", "params"), count_macs_params(model, x[:1])))
+            kept = groups.kept_counts(masks)[None]
+            for kind, value in measured.items():
+                predicted = float(groups.cost.cost(kept, kind)[0])
+                if abs(value - predicted) > _COUNT_TOLERANCE * max(predicted, 1.0):
+                    return f"the cost model predicts {predicted:.0f} {kind}, the pruned network has {value:.0f}"
+            stage = "reloading the pruned weights from safetensors"
+            state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+            load_tensors(model, load_bytes(save_bytes(state)))
+            check_equivalence(pruned, model(x), labels=("pruned", "reloaded"))
+            stage = "the pruned forward in training mode (fine-tuning runs it; aux heads run only there)"
+            model.train()(x)
+    except Exception as err:  # any failure is the answer the trial looks for
+        first_line = str(err).splitlines()[0] if str(err) else ""
+        return f"{stage} fails ({type(err).__name__}: {first_line})" if stage != "the comparison" else first_line
+    finally:
+        groups.remove_gates()
+    return None
+
+
+def _first_bad_group(backbone: nn.Module, image_size: int, arch: str, masks: list[torch.Tensor], x: torch.Tensor,
+                     cause: str) -> tuple[int, str]:
+    """Bisect over prefixes of the groups (network order): the group whose masking first makes the trial fail."""
+    ones = [torch.ones_like(m) for m in masks]
+    good, bad = 0, len(masks)  # masking no group passes; masking all of them fails with ``cause``
+    while bad - good > 1:
+        middle = (good + bad) // 2
+        model, groups = _prepared(backbone, image_size, arch)
+        found = _attempt(model, groups, masks[:middle] + ones[middle:], x)
+        if found is None:
+            good = middle
+        else:
+            bad, cause = middle, found
+    return bad - 1, cause
+
+
+def _check_budget_reachable(groups: ChannelGroups, budget: BudgetConfig, arch: str) -> None:
+    """Refuse a MACs/params budget that no allocation meets, naming the real cause.
+
+    Groups left whole (grouped convolutions, channel-wise normalisation) keep their full cost, so
+    a budget can be out of reach whatever ``min_channels`` is: say so rather than blame it.
+    A latency budget is checked by the ``Allocator`` once the device's table exists.
+    """
+    if budget.kind not in ("macs", "params"):
+        return
+    try:
+        Allocator(groups.cost, budget)
+    except ValueError as err:
+        bare = groups.cost.minimum(budget.kind, 1) / groups.cost.dense(budget.kind)
+        if bare <= budget.keep_ratio or not groups.left_whole:
+            raise ValueError(f"{arch}: {err}") from None
+        first = next(iter(groups.left_whole.items()))
+        raise ValueError(
+            f"{arch}: budget.keep_ratio={budget.keep_ratio} is out of reach: {len(groups.left_whole)} of "
+            f"{len(groups.left_whole) + len(groups)} channel groups are left whole (e.g. {first[0]}: {first[1]}), "
+            f"so even one channel per other group keeps {bare:.3f} of dense {budget.kind}; "
+            f"raise budget.keep_ratio or choose another model.arch") from None
