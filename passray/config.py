@@ -41,7 +41,9 @@ class ConfigError(ValueError):
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    """inf and nan are refused in every float: ``gt=0`` alone lets ``lr: .inf`` through, and a run would train on it."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class DataConfig(_Section):
@@ -279,9 +281,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             if "'\\t'" in problem:
                 problem = "a tab; YAML indents with spaces"
             raise ConfigError(f"config file {path}{where}: invalid YAML" + (f" ({problem})" if problem else "")) from None
-        if loaded is not None and not isinstance(loaded, dict):
+        if loaded is None:  # an empty (or comments-only) file would run the built-in defaults unannounced
+            raise ConfigError(f"config file {path} is empty")
+        if not isinstance(loaded, dict):
             raise ConfigError(f"config file {path}: top level must be a mapping")
-        tree.update(loaded or {})
+        tree.update(loaded)
     return validate(apply_overrides(tree, overrides))
 
 

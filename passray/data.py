@@ -82,6 +82,9 @@ def available_datasets() -> list[str]:
 def load_dataset(cfg: DataConfig) -> Dataset:
     """Build the dataset named by ``cfg``: class filter, resize, seeded val carve, train limit, stats."""
     train_full, test, names = _REGISTRY.get(cfg.name)(cfg)
+    if len(names) < 2:  # one class trains to val accuracy 1.0 and exports a constant
+        source = f"data.name={cfg.name!r}" + (f" (data.root={cfg.root})" if cfg.root else "")
+        raise ValueError(f"{source} has {len(names)} class(es) {names}; a classifier needs at least 2")
     if cfg.classes is not None:
         train_full, test, names = _select_classes(train_full, test, names, cfg.classes)
     if cfg.image_size is not None:
@@ -100,6 +103,8 @@ def _select_classes(train: Split, test: Split, names: list[str], classes: list[i
     if not classes or bad or len(set(classes)) != len(classes):
         raise ValueError(f"data.classes: {classes!r} must be distinct labels in 0..{len(names) - 1}"
                          + (f"; not present: {bad}" if bad else ""))
+    if len(classes) < 2:
+        raise ValueError(f"data.classes: {classes!r} keeps one class; a classifier needs at least 2")
     lut = torch.full((len(names),), -1, dtype=torch.int64)
     lut[torch.tensor(classes)] = torch.arange(len(classes))
 
@@ -323,6 +328,13 @@ register_dataset("cifar100")(lambda cfg: _cifar(cfg, "CIFAR100"))
 _Entry = tuple[tuple[str, ...], bytes | Path]
 
 
+class _Scan(NamedTuple):
+    """A root's images, and every folder below it (as path parts): a class folder without images must be seen."""
+
+    images: list[_Entry]
+    folders: set[tuple[str, ...]]
+
+
 @register_dataset("imagefolder")
 def _imagefolder(cfg: DataConfig) -> tuple[Split, Split, list[str]]:
     """``root``: a folder or a .tar/.tar.gz/.tgz with train/<class>/* and test/<class>/* (or val/).
@@ -333,10 +345,12 @@ def _imagefolder(cfg: DataConfig) -> tuple[Split, Split, list[str]]:
     if cfg.root is None:
         raise ValueError("data.root is required for imagefolder (a folder or .tar.gz with train/ and test/)")
     root = Path(cfg.root).expanduser()
-    entries = _scan_archive(root) if root.is_file() else _scan_dir(root)
-    tops = {parts[0] for parts, _ in entries}
+    entries, folders = _scan_archive(root) if root.is_file() else _scan_dir(root)
+    tops, wrapper = {parts[0] for parts, _ in entries}, ""
     if "train" not in tops and len(tops) == 1 and all(len(p) > 3 for p, _ in entries):
-        entries = [(parts[1:], src) for parts, src in entries]  # one wrapping folder, e.g. cifar10/train/...
+        wrapper = f"{next(iter(tops))}/"  # one wrapping folder, e.g. cifar10/train/...
+        entries = [(parts[1:], src) for parts, src in entries]
+        folders = {f[1:] for f in folders if len(f) > 1}
         tops = {parts[0] for parts, _ in entries}
     if "train" not in tops:
         raise FileNotFoundError(f"{root}: no train/<class>/<image> found")
@@ -344,6 +358,7 @@ def _imagefolder(cfg: DataConfig) -> tuple[Split, Split, list[str]]:
     if eval_name is None:
         raise FileNotFoundError(f"{root}: no test/<class>/<image> (or val/) found next to train/")
     groups = {s: sorted((p, src) for p, src in entries if p[0] == s) for s in ("train", eval_name)}
+    _refuse_empty_class_folders(root, wrapper, groups, folders)
     classes = sorted({p[1] for p, _ in groups["train"]})
     eval_classes = sorted({p[1] for p, _ in groups[eval_name]})
     if classes != eval_classes:
@@ -356,38 +371,60 @@ def _imagefolder(cfg: DataConfig) -> tuple[Split, Split, list[str]]:
     return splits[0], splits[1], classes
 
 
+def _refuse_empty_class_folders(root: Path, wrapper: str, groups: dict[str, list[_Entry]],
+                                folders: set[tuple[str, ...]]) -> None:
+    """Refused, not dropped (torchvision's ImageFolder refuses too): dropping one shifts the label of every
+    later class, and the head would have fewer outputs than the class folders the user sees."""
+    empty = [f"{wrapper}{split}/{f[1]}" for split, images in groups.items()
+             for f in sorted(folders - {p[:2] for p, _ in images}) if len(f) == 2 and f[0] == split]
+    if empty:
+        raise ValueError(f"{root}: no images in class folder(s) {', '.join(empty)} (image suffixes: "
+                         f"{' '.join(IMAGE_SUFFIXES)}); add images or remove the folder")
+
+
 def _is_image(parts: tuple[str, ...]) -> bool:
     """An image under <split>/<class>/...; hidden files (e.g. macOS ``._x.jpg``) are skipped."""
-    return len(parts) >= 3 and not any(p.startswith(".") for p in parts) and parts[-1].lower().endswith(IMAGE_SUFFIXES)
+    return len(parts) >= 3 and _is_visible(parts) and parts[-1].lower().endswith(IMAGE_SUFFIXES)
 
 
-def _scan_dir(root: Path) -> list[_Entry]:
+def _is_visible(parts: tuple[str, ...]) -> bool:
+    """Not hidden and not below a hidden folder (``.ipynb_checkpoints``, macOS ``._x.jpg``): never a class."""
+    return not any(p.startswith(".") for p in parts)
+
+
+def _scan_dir(root: Path) -> _Scan:
     if not root.exists():
         raise FileNotFoundError(f"{root}: no such file or directory")
     if not root.is_dir():
         raise ValueError(f"{root}: not a directory or a .tar/.tar.gz archive")
-    entries = []
+    scan = _Scan([], set())
     for path in root.rglob("*"):
         parts = path.relative_to(root).parts
         if _is_image(parts) and path.is_file():
-            entries.append((parts, path))
-    return entries
+            scan.images.append((parts, path))
+        elif _is_visible(parts) and path.is_dir():
+            scan.folders.add(parts)
+    return scan
 
 
-def _scan_archive(root: Path) -> list[_Entry]:
-    """Read image members of a tar stream into memory (entries like ``test//x.jpg`` are normalised)."""
+def _scan_archive(root: Path) -> _Scan:
+    """Read image members of a tar stream into memory (entries like ``test//x.jpg`` are normalised).
+
+    A file's parent folders count as folders: archives need not list folder members."""
     if not tarfile.is_tarfile(root):
         raise ValueError(f"{root}: not a directory or a .tar/.tar.gz archive")
-    entries = []
+    images, deepest = [], set()
     try:
         with tarfile.open(root, mode="r|*") as tar:
             for member in tar:
                 parts = tuple(p for p in member.name.split("/") if p not in ("", "."))
                 if member.isfile() and _is_image(parts):
-                    entries.append((parts, tar.extractfile(member).read()))
+                    images.append((parts, tar.extractfile(member).read()))
+                deepest.add(parts if member.isdir() else parts[:-1])
     except (tarfile.TarError, OSError, EOFError) as err:
         raise ValueError(f"{root}: cannot read archive ({err})") from None
-    return entries
+    folders = {f[:i] for f in deepest for i in range(1, len(f) + 1)}
+    return _Scan(images, {f for f in folders if _is_visible(f)})
 
 
 def _decode_all(root: Path, entries: list[_Entry], size: int | None) -> torch.Tensor:

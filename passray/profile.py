@@ -12,6 +12,7 @@ there, and misaligned widths can run slower than dense (ResNet-18, H200, bf16).
 
 from __future__ import annotations
 
+import argparse
 import functools
 import json
 import logging
@@ -270,9 +271,17 @@ def summary(table: LatencyTable) -> str:
     return head + "\n" + format_table(rows, ["layer", "kind", "in", "out", "dense_ms", "share"])
 
 
+def _refuse_small_counts(args: argparse.Namespace) -> None:
+    """Refused before any work, never replaced: a 0 that quietly became a default times a table nobody asked for."""
+    for flag, value, least in (("--batch-size", args.batch_size, 1), ("--grid", args.grid, 2),
+                               ("--repeats", args.repeats, 1)):
+        if value is not None and value < least:
+            raise ValueError(f"{flag} {value}: must be at least {least}")
+
+
 def main(argv: list[str] | None = None) -> LatencyTable:
     parser = make_parser("passray.profile", __doc__.split("\n\n")[0])
-    parser.add_argument("--batch-size", type=int, help="serving batch size (default: budget.latency_batch_size or 256)")
+    parser.add_argument("--batch-size", type=int, help="serving batch size (default: budget.latency_batch_size)")
     parser.add_argument("--dtype", choices=list(DTYPES), help="default: bf16 if amp on CUDA, else fp32")
     parser.add_argument("--device", help="cpu | cuda | cuda:N (default: the config's device)")
     parser.add_argument("--grid", type=int, default=8, help="widths per dimension: k/grid for k = 1..grid")
@@ -280,12 +289,13 @@ def main(argv: list[str] | None = None) -> LatencyTable:
     parser.add_argument("--channels-last", action="store_true", help="channels_last memory format (CUDA convs)")
     parser.add_argument("--out", help="output JSON (default: the cache path the pipeline looks up)")
     args = parser.parse_args(argv)
+    _refuse_small_counts(args)
     cfg = load_from_args(args)
     device = resolve_device(args.device or cfg.device)
     ds = load_dataset(cfg.data)  # input size and head size, as the pipeline sees them
     backbone = create_backbone(cfg.model.model_copy(update={"weights": None}), ds.num_classes).to(device)
     dtype = args.dtype or ("bf16" if cfg.amp and device.type == "cuda" else "fp32")
-    batch = args.batch_size or getattr(cfg.budget, "latency_batch_size", 256)
+    batch = cfg.budget.latency_batch_size if args.batch_size is None else args.batch_size
     table = build_table(build_groups(backbone, ds.image_size), backbone_id(cfg.model), batch, dtype, device, args.grid,
                         args.repeats, args.channels_last)
     path = table.save(args.out or cache_path(table.key))

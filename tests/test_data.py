@@ -7,6 +7,7 @@ import subprocess
 import sys
 import tarfile
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import pytest
@@ -100,7 +101,7 @@ def test_classes_are_filtered_and_remapped(digits):
     assert torch.equal(ds.test.images[ds.test.labels == 0], sevens)
 
 
-@pytest.mark.parametrize("classes", [[3, 10], [1, 1], [], [-1]])
+@pytest.mark.parametrize("classes", [[3, 10], [1, 1], [], [-1], [3]])
 def test_bad_classes_raise(classes):
     with pytest.raises(ValueError, match="data.classes"):
         load_dataset(DataConfig(classes=classes))
@@ -238,8 +239,12 @@ def _write_dir(root: Path, files: dict[str, bytes]) -> Path:
     return root
 
 
-def _write_tar(path: Path, files: dict[str, bytes]) -> Path:
+def _write_tar(path: Path, files: dict[str, bytes], folders: Sequence[str] = ()) -> Path:
     with tarfile.open(path, "w:gz") as tar:
+        for name in folders:  # folder members (an archive may have none)
+            info = tarfile.TarInfo(name)
+            info.type = tarfile.DIRTYPE
+            tar.addfile(info)
         for name, data in reversed(list(files.items())):  # member order must not matter
             info = tarfile.TarInfo(name)
             info.size = len(data)
@@ -247,8 +252,13 @@ def _write_tar(path: Path, files: dict[str, bytes]) -> Path:
     return path
 
 
-def _make_root(kind: str, tmp_path: Path, files: dict[str, bytes]) -> Path:
-    return _write_dir(tmp_path / "imgs", files) if kind == "dir" else _write_tar(tmp_path / "imgs.tar.gz", files)
+def _make_root(kind: str, tmp_path: Path, files: dict[str, bytes], folders: Sequence[str] = ()) -> Path:
+    """A folder or a .tar.gz holding ``files`` and the (possibly empty) ``folders``."""
+    if kind == "tar":
+        return _write_tar(tmp_path / "imgs.tar.gz", files, folders)
+    for name in folders:
+        (tmp_path / "imgs" / name).mkdir(parents=True, exist_ok=True)
+    return _write_dir(tmp_path / "imgs", files)
 
 
 @pytest.mark.parametrize("kind", ["dir", "tar"])
@@ -315,6 +325,44 @@ def test_imagefolder_errors_name_the_path(kind, case, error, message, tmp_path):
     with pytest.raises(error, match=message) as info:
         load_dataset(DataConfig(name="imagefolder", root=str(root)))
     assert str(root) in str(info.value) and "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("kind", ["dir", "tar"])
+def test_imagefolder_with_one_class_is_refused(kind, tmp_path):
+    """One class trains to val accuracy 1.0 and exports a constant: refused, naming the root."""
+    root = _make_root(kind, tmp_path, {k: v for k, v in _layout().items() if "/cat/" in k})
+    with pytest.raises(ValueError, match=r"has 1 class\(es\) \['cat'\]; a classifier needs at least 2") as info:
+        load_dataset(DataConfig(name="imagefolder", root=str(root)))
+    assert str(root) in str(info.value)
+
+
+@pytest.mark.parametrize("kind", ["dir", "tar"])
+@pytest.mark.parametrize("case, folders, named", [
+    ("empty", ["train/fox"], "train/fox"),
+    ("empty in test", ["test/fox"], "test/fox"),
+    ("no image suffix", [], "test/eel"),
+    ("wrapped", ["data/train/fox"], "data/train/fox"),
+])
+def test_imagefolder_class_folder_without_images_is_refused(kind, case, folders, named, tmp_path):
+    """Refused, naming the folder: dropping it would shift the labels of every later class."""
+    files = _layout()
+    if case == "empty in test":
+        files |= {f"train/fox/{i}.png": _png(i) for i in range(2)}
+    elif case == "no image suffix":
+        files = {k: v for k, v in files.items() if not k.startswith("test/eel/")} | {"test/eel/notes.txt": b"hi"}
+    elif case == "wrapped":
+        files = {f"data/{k}": v for k, v in files.items()}
+    root = _make_root(kind, tmp_path, files, folders)
+    with pytest.raises(ValueError, match="no images in class folder") as info:
+        load_dataset(DataConfig(name="imagefolder", root=str(root)))
+    assert str(info.value).startswith(f"{root}: no images in class folder(s) {named} (image suffixes: .jpg")
+
+
+@pytest.mark.parametrize("kind", ["dir", "tar"])
+def test_imagefolder_hidden_folders_are_no_classes(kind, tmp_path):
+    """Jupyter's .ipynb_checkpoints and macOS metadata folders are neither classes nor empty classes."""
+    root = _make_root(kind, tmp_path, _layout(), ["train/.ipynb_checkpoints", "test/.hidden/inner", "train/cat/.x"])
+    assert load_dataset(DataConfig(name="imagefolder", root=str(root))).class_names == CLASSES
 
 
 def test_imagefolder_missing_or_bad_root(tmp_path):
