@@ -75,9 +75,9 @@ SETTINGS: dict[str, Setting] = {
     "shifted": Setting([0, 1, 2, 3, 4], [5, 6, 7, 8, 9], True),
 }
 
-SMOKE = dict(methods=["pass", "uniform_l1"], targets=[0.5], seeds=[0], setting=["all", "shifted"],
+SMOKE = dict(methods=["pass", "uniform_l1"], targets=[0.5], seeds=[0], setting=["all", "shifted"], arch="convnet",
              pretrain_epochs=1, pretrain_lr=0.1, search_epochs=1, finetune_epochs=1, batch_size=64)
-FULL = dict(methods=list(ROWS), targets=[0.5, 0.25], seeds=[0, 1, 2], setting=["all", "shifted"],
+FULL = dict(methods=list(ROWS), targets=[0.5, 0.25], seeds=[0, 1, 2], setting=["all", "shifted"], arch="resnet18",
             pretrain_epochs=40, pretrain_lr=0.4, search_epochs=8, finetune_epochs=5, batch_size=512)
 # With the protocol, what makes a row: backbone architecture, budget kind and fine-tune length vary by row,
 # so MACs and latency rows, ResNet-18 and MobileNetV2, FT 5 and FT 30 share one table.
@@ -97,14 +97,15 @@ def base_overrides(args: argparse.Namespace, user: bool = True) -> list[str]:
     (then the user's ``--set`` overrides, unless ``user`` is False)."""
     if args.smoke:
         common = ["device=cpu", "amp=false", "channels_last=false", "data.name=digits", "data.image_size=16",
-                  "data.eval_batch_size=512", "model.arch=convnet", "model.width=0.25",
+                  "data.eval_batch_size=512", "model.width=0.25",
                   "budget.min_channels=1", "budget.round_to=1", "bn_recalibration_batches=2"]
     else:
         common = ["device=auto", "amp=true", "channels_last=true", "data.name=imagefolder",
                   f"data.root={_q(str(Path(args.data).expanduser().resolve()))}", "data.eval_batch_size=2048",
-                  f"model.arch={args.arch}", "model.cifar_stem=true", "budget.min_channels=8", "budget.round_to=8",
+                  "model.cifar_stem=true", "budget.min_channels=8", "budget.round_to=8",
                   "bn_recalibration_batches=40", "hypernet.warmup_epochs=1"]
-    return [*common, f"data.batch_size={args.batch_size}", "data.val_fraction=0.1", "data.seed=0", f"budget.kind={args.budget_kind}",
+    return [*common, f"model.arch={args.arch}", f"data.batch_size={args.batch_size}", "data.val_fraction=0.1",
+            "data.seed=0", f"budget.kind={args.budget_kind}",
             *([f"budget.latency_batch_size={LATENCY_BATCH}"] if args.budget_kind == "latency" else []),
             f"pretrain.epochs={args.pretrain_epochs}", f"pretrain.lr={args.pretrain_lr}", "pretrain.label_smoothing=0.1",
             f"search.epochs={args.search_epochs}", "search.lr=0.003", "search.optimizer=adamw", "search.weight_decay=0.0",
@@ -512,7 +513,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="only build the settings' latency tables (run alone on the GPU, before latency rows)")
     p.add_argument("--remeasure-speedup", nargs="+", metavar="FILE",
                    help="time every latency row of these results files again, alone on the device")
-    p.add_argument("--arch", default="resnet18", help="backbone (default resnet18 with CIFAR stem)")
+    p.add_argument("--arch", help="backbone (default resnet18 with CIFAR stem; --smoke: convnet)")
     p.add_argument("--pretrain-epochs", type=int, help="dense backbone epochs (default 40)")
     p.add_argument("--pretrain-lr", type=float, help="dense backbone peak SGD learning rate at batch 512 (default 0.4)")
     p.add_argument("--pretrain-only", action="store_true", help="train (or find) the settings' backbones, run no row")

@@ -21,7 +21,8 @@ sys.path.insert(0, str(BENCH))
 
 from _common import ResultsFile, TimeBudget, estimate, mean_std  # noqa: E402
 
-QUALITY_FIELDS = ("setting", "row", "method", "allocation", "prompt", "recurrent", "target", "seed", "head_epochs",
+QUALITY_FIELDS = ("setting", "arch", "row", "budget_kind", "finetune_epochs", "method", "allocation", "prompt",
+                  "recurrent", "target", "seed", "head_epochs",
                   "macs_ratio", "params_ratio", "test_before_ft", "val_before_ft", "test_after_ft1",
                   "test_after_ft_final", "val_after_ft_final", "initial_masked_val_accuracy", "search_seconds",
                   "finetune_seconds_per_epoch", "wall_seconds", "kept_per_group", "config")
@@ -49,18 +50,28 @@ def test_quality_smoke_writes_rows_and_resumes(tmp_path: Path) -> None:
             assert 0.0 <= row[f] <= 1.0
         assert row["test_after_ft1"] == row["test_after_ft_final"]  # one fine-tune epoch in smoke mode
         assert row["equivalence_max_abs_diff"] < 1e-3
-        assert row["config"]["model"]["weights"] == data["backbones"][row["setting"]]["path"]
+        assert row["config"]["model"]["weights"] == data["backbones"][f"{row['setting']}/convnet"]["path"]
         is_pass = row["method"] == "pass"
         assert (row["initial_masked_val_accuracy"] is not None) == is_pass
         # baselines get head training equal to PASS's search epochs only where the head is new
         assert row["head_epochs"] == (0 if is_pass else 1)  # baselines: the head epochs PASS's search gives its head
-    assert data["backbones"]["shifted"]["classes"] == [0, 1, 2, 3, 4]
-    assert data["backbones"]["shifted"]["head_removed"] is True
+    assert data["backbones"]["shifted/convnet"]["classes"] == [0, 1, 2, 3, 4]
+    assert data["backbones"]["shifted/convnet"]["head_removed"] is True
     assert {"command", "environment", "protocol", "summary"} <= set(data)
     assert "--smoke" in data["command"] and data["environment"]["torch"]
     assert len(data["summary"]) == 4 and all(s["test_after_ft_final"]["n"] == 1 for s in data["summary"])
-    assert results.with_suffix(".md").read_text().count("| all |") == 2
+    assert results.with_suffix(".md").read_text().count("| all | convnet |") == 2
     assert results.with_suffix(".png").stat().st_size > 0
+
+    # --remeasure-speedup re-times a latency row alone, from its kept widths (here a MACs row made one)
+    timed = json.loads(results.read_text())
+    timed["rows"][0].update(budget_kind="latency", speedup_measured=99.0)
+    timed["rows"][0]["config"]["budget"]["latency_batch_size"] = 4
+    (tmp_path / "timed.json").write_text(json.dumps(timed))
+    _run("quality.py", "--remeasure-speedup", str(tmp_path / "timed.json"))
+    row = json.loads((tmp_path / "timed.json").read_text())["rows"][0]
+    assert row["speedup_measured_in_run"] == 99.0 and 0 < row["speedup_measured"] < 99.0
+    assert row["latency_pruned_ms"] > 0 and "alone" in row["speedup_timing"]
 
     # A fresh GPU machine has lost the checkpoints: the backbone is re-trained, must come out
     # bit-identical (sha256 checked against the rows), and only the new row runs.
@@ -71,7 +82,7 @@ def test_quality_smoke_writes_rows_and_resumes(tmp_path: Path) -> None:
     again = json.loads(results.read_text())
     assert again["rows"][:4] == data["rows"]
     assert [(r["setting"], r["row"]) for r in again["rows"][4:]] == [("all", "uniform_random")]
-    assert again["rows"][4]["backbone_sha256"] == data["backbones"]["all"]["sha256"]
+    assert again["rows"][4]["backbone_sha256"] == data["backbones"]["all/convnet"]["sha256"]
     assert len(again["invocations"]) == 2
 
 
