@@ -22,6 +22,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import torch
 
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no tqdm bars in test logs
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # tests never phone home
@@ -122,3 +123,12 @@ def pass_exports(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
         run(cfg, Runtime(export_dir=str(root / name), progress=False))
         exports.append(root / name)
     return exports
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Small batches on 2 shared cores: a second OpenMP thread costs far more than it gives (~10x slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

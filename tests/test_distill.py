@@ -28,13 +28,7 @@ TINY = ["model.arch=convnet", "model.width=0.25", "data.name=digits", "data.imag
 PRUNE = [*TINY, "data.limit_train=256", "budget.keep_ratio=0.3", "finetune.epochs=1", "search.epochs=1"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Two torch threads on two cores other processes share are ~10x slower than one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

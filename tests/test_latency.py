@@ -24,12 +24,7 @@ BATCH = 16  # large enough that compute, not per-call overhead, dominates on a C
 RATIOS = [0.4, 0.6]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _groups(arch: str = "convnet", width: float = 0.25):

@@ -37,13 +37,7 @@ X = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
 _CACHE: dict[str, nn.Module] = {}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny batches on 2 shared cores: OpenMP's second thread costs ~50x more than it gives."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _model(arch: str) -> nn.Module:
