@@ -1,19 +1,27 @@
 """What every ``python -m passray.<verb>`` shares: --config/--set/--debug, --help listing
-every key, one-line errors, and plain-text result tables."""
+every key, one-line errors (exit 2; Ctrl-C: exit 130), the refusal to resume a run with
+another config, and plain-text result tables."""
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import logging
 import sys
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
+
+from safetensors import SafetensorError  # a torn or full-disk weights file: bad input, not a bug
 
 from passray.config import Config, ConfigError, describe_keys, load_config
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "tune_configs" / "quickstart.yaml"
 
-__all__ = ["DEFAULT_CONFIG", "format_table", "load_from_args", "make_parser", "next_free", "run_cli"]
+__all__ = ["DEFAULT_CONFIG", "EXIT_INTERRUPTED", "config_record", "format_table", "load_from_args", "make_parser",
+           "next_free", "refuse_other_config", "run_cli"]
+
+EXIT_INTERRUPTED = 130  # what a shell reports for a program ended by Ctrl-C (128 + SIGINT)
 
 
 def make_parser(prog: str, description: str) -> argparse.ArgumentParser:
@@ -43,13 +51,40 @@ def next_free(path: Path) -> Path:
     return next(p for p in (path, *(path.with_name(f"{path.name}-{i}") for i in range(2, 100_000))) if not taken(p))
 
 
+def config_record(flat: Mapping[str, Any]) -> dict[str, Any]:
+    """What a run stores at its start to recognise its config on resume: the flat config (to name
+    a differing key) and its hash (to show and compare at a glance)."""
+    canonical = json.dumps(flat, sort_keys=True, default=str)
+    return {"config_hash": hashlib.sha1(canonical.encode()).hexdigest()[:12], "config": json.loads(canonical)}
+
+
+def refuse_other_config(recorded: Mapping[str, Any], flat: Mapping[str, Any], what: str) -> None:
+    """Raise a one-line ``ConfigError`` naming the first key where ``flat`` differs from the
+    ``config_record`` that ``what`` (e.g. "experiment DIR") was started with: resuming it with
+    another config would mix two runs under one record (and load state the model cannot hold)."""
+    current = config_record(flat)
+    if current["config_hash"] == recorded["config_hash"]:
+        return
+    old, new = recorded["config"], current["config"]
+    key = next(k for k in [*new, *old] if old.get(k, "<unset>") != new.get(k, "<unset>"))
+    raise ConfigError(f"config key '{key}': {what} was started with {old.get(key, '<unset>')!r}, not "
+                      f"{new.get(key, '<unset>')!r} (config {recorded['config_hash']} vs {current['config_hash']}); "
+                      f"resume it with the config it was started with, or start a new run")
+
+
 def run_cli(main: Callable[[list[str] | None], Any], prog: str, argv: Sequence[str] | None = None) -> None:
-    """Run ``main``; user errors become one line on stderr and exit code 2 (unless --debug)."""
+    """Run ``main``; user errors become one line on stderr and exit code 2, an interruption
+    (Ctrl-C) one line and exit code 130 (both with a traceback under --debug)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         main(argv)
-    except (ConfigError, ValueError, OSError, KeyError, TypeError, RuntimeError) as err:
+    except KeyboardInterrupt as err:
+        if "--debug" in argv:
+            raise
+        print(f"{prog}: interrupted" + (f": {err}" if str(err) else ""), file=sys.stderr)
+        sys.exit(EXIT_INTERRUPTED)
+    except (ConfigError, ValueError, OSError, KeyError, TypeError, RuntimeError, SafetensorError) as err:
         if "--debug" in argv:
             raise
         message = str(err).splitlines()[0] if str(err) else type(err).__name__

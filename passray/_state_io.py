@@ -1,4 +1,6 @@
-"""Save/load nested training state (model and optimizer state dicts, metadata) without pickle.
+"""Save/load nested training state (model and optimizer state dicts, metadata) without pickle,
+and the file-level safety every writer shares: a file is whole or absent, and a destination is
+known to be writable before hours of compute are spent on what goes there.
 
 Tensors go to one ``state.safetensors`` under flattened keys; everything else (numbers,
 strings, lists) goes to ``state.json``. This is what Ray checkpoints and exports carry.
@@ -7,13 +9,14 @@ strings, lists) goes to ``state.json``. This is what Ray checkpoints and exports
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
-__all__ = ["load_state", "save_state"]
+__all__ = ["check_writable", "load_state", "save_state", "write_atomically"]
 
 _SEP = "/"
 
@@ -39,13 +42,46 @@ def _join(tree: Any, tensors: dict[str, torch.Tensor]) -> Any:
     return tree
 
 
+def write_atomically(path: str | Path, data: bytes | str) -> Path:
+    """``path`` holds all of ``data`` or stays as it was: written beside it, then renamed over it.
+
+    A full disk (or any write error) removes the partial file and raises an ``OSError`` that
+    names ``path``, not the temporary name."""
+    path = Path(path)
+    partial = path.with_name(f".{path.name}.partial")
+    try:
+        with open(partial, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+        os.replace(partial, path)
+    except OSError as err:
+        partial.unlink(missing_ok=True)
+        raise OSError(err.errno, f"cannot write {path}: {err.strerror}") from None
+    return path
+
+
+def check_writable(path: str | Path, key: str) -> None:
+    """Raise a one-line ``ValueError`` naming config ``key`` unless ``path`` can be created and written.
+
+    Nothing is created: the nearest existing folder must be a writable directory (a file in the
+    way, a read-only mount or missing permissions all fail here, before any compute)."""
+    path = Path(path).expanduser().absolute()
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        raise ValueError(f"config key '{key}': {path} cannot be created: {existing} is not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        why = "a read-only file system" if os.statvfs(existing).f_flag & os.ST_RDONLY else "no write permission"
+        raise ValueError(f"config key '{key}': {path} is not writable ({why} at {existing})")
+
+
 def save_state(directory: str | Path, state: dict[str, Any]) -> Path:
+    """``state.safetensors`` then ``state.json``, each written atomically: in a fresh folder (a
+    checkpoint's), a reader that finds ``state.json`` finds the tensors it names."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tensors: dict[str, torch.Tensor] = {}
     skeleton = _split(state, "", tensors)
-    save_file(tensors, str(directory / "state.safetensors"))
-    (directory / "state.json").write_text(json.dumps(skeleton))
+    write_atomically(directory / "state.safetensors", save(tensors))
+    write_atomically(directory / "state.json", json.dumps(skeleton))
     return directory
 
 

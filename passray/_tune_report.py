@@ -8,6 +8,7 @@ and trial names and folders carry the *sampled* values.
 
 from __future__ import annotations
 
+import io
 import json
 import re
 import time
@@ -18,9 +19,10 @@ from ray import tune
 from ray.tune.experiment import Trial
 
 from passray._cli import format_table
+from passray._state_io import write_atomically
 
-__all__ = ["TrialTable", "dense_row", "pareto_figure", "pareto_front", "results_table", "short_names", "trial_name",
-           "trial_rows", "write_results"]
+__all__ = ["PARTIAL_NOTE", "TrialTable", "dense_row", "pareto_figure", "pareto_front", "results_table", "short_names",
+           "trial_name", "trial_rows", "write_results"]
 
 # config keys every results.json row carries, searched or not, so that rows of different experiments compare
 ROW_KEYS = ("prompt.kind", "prompt.size", "hypernet.hidden_size", "budget.keep_ratio")
@@ -28,6 +30,7 @@ HEARTBEAT_S = 60.0  # the live table reprints on a status change, else at most t
 SETTLE_S = 5.0  # status changes that come together (a trial ends, the next starts) make one table
 MAX_NAME = 120  # trial folder names stay well under the 255-byte file-name limit
 LABELLED_TRIALS = 20  # pareto.png names every trial up to this many, else only the front's
+PARTIAL_NOTE = "PARTIAL: the experiment was interrupted; its unfinished trials say so (--resume continues them)"
 
 
 def short_names(keys: Iterable[str]) -> dict[str, str]:
@@ -180,11 +183,17 @@ def pareto_figure(rows: list[dict[str, Any]], front: list[dict[str, Any]], dense
 
 
 def write_results(out: Path, rows: list[dict[str, Any]], front: list[dict[str, Any]], dense: dict[str, Any] | None,
-                  keys: list[str], title: str) -> tuple[str, str]:
-    """``results.json`` (every field), ``results.txt`` and ``pareto.png``; returns the trial and front tables."""
+                  keys: list[str], title: str, partial: bool = False) -> tuple[str, str]:
+    """``results.json`` (every field), ``results.txt`` and ``pareto.png``; returns the trial and front tables.
+
+    ``partial``: the experiment was interrupted; every file says so (``"partial": true``, a first line,
+    the plot's title), so that no one mistakes its front for the sweep's."""
     table, front_table = results_table(rows, keys, dense), results_table(front, keys, dense)
-    (out / "results.json").write_text(json.dumps({"dense": dense, "trials": rows, "pareto_front": front}, indent=1,
-                                                 default=str))
-    (out / "results.txt").write_text(f"{table}\n\nPareto front:\n{front_table}\n")
-    pareto_figure(rows, front, dense, title).savefig(out / "pareto.png", dpi=120)
+    note = f"{PARTIAL_NOTE}\n\n" if partial else ""
+    write_atomically(out / "results.json", json.dumps(
+        {"partial": partial, "dense": dense, "trials": rows, "pareto_front": front}, indent=1, default=str))
+    write_atomically(out / "results.txt", f"{note}{table}\n\nPareto front:\n{front_table}\n")
+    png = io.BytesIO()
+    pareto_figure(rows, front, dense, f"{title} (partial)" if partial else title).savefig(png, dpi=120, format="png")
+    write_atomically(out / "pareto.png", png.getvalue())
     return table, front_table

@@ -24,7 +24,7 @@ from safetensors.torch import save_file
 
 from passray import dense_cache, engine
 from passray._cost import CostModel
-from passray._state_io import save_state
+from passray._state_io import check_writable, save_state
 from passray.budget import Allocator
 from passray.config import Config, OptimConfig
 from passray.data import load_dataset, make_loaders
@@ -450,6 +450,8 @@ class _Run:
 
     def execute(self) -> dict[str, Any]:
         cfg = self.cfg
+        if self.rt.export_dir is not None and self.rt.rank == 0:  # the export is written last: refuse now, not then
+            check_writable(self.rt.export_dir, "output_dir")
         self.setup()
         backbone = self.net.backbone
         check_prunable(backbone, self.ds.image_size, cfg.budget, backbone_id(cfg.model))  # refuse before any training

@@ -8,18 +8,26 @@ the same name under the same parent is reused, so a restarted trial resumes its 
 Facts this module relies on (MLflow 3.x, ``mlflow/utils/validation.py``): a param value
 may hold 6000 characters, a key 250, and one ``log_batch`` 100 params / 1000 metrics.
 Params are immutable: logging the same key again with another value fails.
+
+Opening a sqlite store creates or migrates its schema, which is not safe to run twice at once:
+two processes opening a new ``mlflow.db`` together fail (one or both) and can leave it
+half-migrated. An exclusive ``fcntl`` lock on ``<db>.lock`` next to the database serialises
+opening it.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
+import logging
 import math
 import os
 import re
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 __all__ = ["EXPORT_ARTIFACT_PATH", "Tracker", "check_reachable", "masks_summary", "resolve_uri"]
 
@@ -37,6 +45,43 @@ def _sqlite_path(uri: str) -> Path | None:
     if not uri.startswith("sqlite:///") or uri.endswith(":memory:"):
         return None
     return Path(uri[len("sqlite:///"):].split("?", 1)[0])
+
+
+@contextlib.contextmanager
+def _store_lock(uri: str) -> Iterator[None]:
+    """Held while a client opens the store: exclusive for a sqlite file, nothing for a server."""
+    db = _sqlite_path(uri)
+    if db is None:
+        yield
+        return
+    with open(db.with_name(f"{db.name}.lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        yield
+
+
+def _open_client(uri: str):
+    """An ``MlflowClient`` on ``uri`` (which creates or migrates a sqlite schema), under the store lock.
+
+    A store that cannot be opened (e.g. half-migrated) is a one-line ``RuntimeError`` naming it;
+    MLflow's own log of the schema work (its tracebacks included) is silenced meanwhile, since
+    that error says it all (``--debug`` shows the chained cause)."""
+    import mlflow
+    from alembic.util import CommandError
+    from sqlalchemy.exc import SQLAlchemyError
+
+    schema_log = logging.getLogger("mlflow.store.db.utils")
+    level = schema_log.level
+    schema_log.setLevel(logging.CRITICAL)
+    try:
+        with _store_lock(uri):
+            return mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
+    except (mlflow.exceptions.MlflowException, SQLAlchemyError, CommandError) as err:
+        detail = next((line for line in str(err).splitlines() if line.strip()), type(err).__name__)
+        hint = ("; a database another process was creating when it failed? Move it away to start a new one"
+                if _sqlite_path(uri) else "")
+        raise RuntimeError(f"MLflow tracking store at {uri} cannot be opened: {detail}{hint}") from err
+    finally:
+        schema_log.setLevel(level)
 
 
 def check_reachable(uri: str, timeout: float = 5.0) -> None:
@@ -98,15 +143,13 @@ class Tracker:
     """
 
     def __init__(self, uri: str | None = None, *, check: bool = True) -> None:
-        import mlflow
-
         self.uri = resolve_uri(uri)
         if check:
             check_reachable(self.uri)
         if self.uri.startswith(("http://", "https://")):
             os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
             os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
-        self.client = mlflow.MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
+        self.client = _open_client(self.uri)
 
     # ------------------------------------------------------------------ runs
     def experiment_id(self, name: str) -> str:
@@ -162,9 +205,25 @@ class Tracker:
         self.log_params(run_id, params or {})
         return run_id
 
-    def end(self, run_id: str, status: str = "FINISHED") -> None:
-        """status: FINISHED | FAILED | KILLED."""
+    def end(self, run_id: str, status: str = "FINISHED", *, if_running: bool = False) -> None:
+        """status: FINISHED | FAILED | KILLED. ``if_running``: leave a run that has already ended as it is."""
+        if if_running and self.client.get_run(run_id).info.status != "RUNNING":
+            return
         self.client.set_terminated(run_id, status=status)
+
+    def reopen(self, run_id: str) -> None:
+        """A run ended (e.g. KILLED by an interruption) is RUNNING again while it is resumed."""
+        self.client.update_run(run_id, status="RUNNING")
+
+    def end_children(self, parent_run_id: str, status: str = "KILLED") -> list[str]:
+        """End every child of ``parent_run_id`` still RUNNING (its process was killed before it could
+        end it); returns their run ids."""
+        exp_id = self.client.get_run(parent_run_id).info.experiment_id
+        where = f"tags.mlflow.parentRunId = '{parent_run_id}' and attributes.status = 'RUNNING'"
+        runs = self.client.search_runs([exp_id], where, max_results=10_000)
+        for run in runs:
+            self.end(run.info.run_id, status)
+        return [run.info.run_id for run in runs]
 
     # ------------------------------------------------------------------ data
     def log_params(self, run_id: str, params: Mapping[str, Any]) -> None:

@@ -9,18 +9,26 @@ checkpoint also holds the export (structure.json, weights.safetensors, hypernet/
 backbone trained before with the same data, model and recipe comes from rank 0's cache
 (``pretrain.cache``; rank 0 broadcasts it to the other ranks).
 
+Refused in one line before any worker starts: a ``RAY_ADDRESS`` nothing answers at, a run the
+cluster cannot hold, an unwritable ``output_dir``, and a run name whose folder records another
+config (``passray_config.json``: its checkpoints hold another model). Checkpoints reach the
+storage whole (copied under a hidden name, then renamed), so a full disk leaves none half-written.
+
 Ray Train V2 API only: it is the default (``RAY_TRAIN_V2_ENABLED`` unset or 1); with
 ``RAY_TRAIN_V2_ENABLED=0`` importing this module fails with a one-line explanation.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
 import math
 import os
 import re
 import shutil
+import socket
 import sys
 import tempfile
 from pathlib import Path
@@ -34,9 +42,9 @@ import torch.nn as nn
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from passray._cli import format_table, load_from_args, make_parser, run_cli
-from passray._state_io import load_state
-from passray.config import Config, validate
+from passray._cli import config_record, format_table, load_from_args, make_parser, refuse_other_config, run_cli
+from passray._state_io import check_writable, load_state
+from passray.config import Config, ConfigError, validate
 from passray.export import atomic_directory
 from passray.pipeline import Runtime, run
 from passray.prune import TABLE_COLUMNS
@@ -44,11 +52,14 @@ from passray.prune import TABLE_COLUMNS
 if not hasattr(ray.train, "get_all_reported_checkpoints"):  # exported by Train V2 only
     raise ImportError("passray.train needs Ray Train V2; unset RAY_TRAIN_V2_ENABLED=0")
 
-__all__ = ["EXPORT_FILES", "RayReporter", "build_trainer", "copy_export", "fit", "main", "run_name",
-           "scalar_metrics", "storage_uri", "train_fn_per_worker"]
+__all__ = ["EXPORT_FILES", "RUN_CONFIG_FILE", "RayReporter", "build_trainer", "check_cluster_fits", "connect_ray",
+           "copy_export", "fit", "main", "run_name", "scalar_metrics", "storage_uri", "train_fn_per_worker",
+           "worker_resources"]
 
 EXPORT_FILES = ("structure.json", "weights.safetensors", "hypernet")
+RUN_CONFIG_FILE = "passray_config.json"  # in the run folder: what its checkpoints were computed from
 _NOT_IN_NAME = ("train", "tune", "tracking", "output_dir", "device")  # how/where, not what is computed
+PROBE_TIMEOUT_S = 5.0  # connecting to $RAY_ADDRESS: a live GCS answers in milliseconds
 
 
 # ---------------------------------------------------------------- worker side
@@ -106,8 +117,33 @@ class RayReporter:
             return
         with tempfile.TemporaryDirectory(prefix="passray-ckpt-") as tmp:
             save_state(Path(tmp))
-            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
+            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp), checkpoint_upload_fn=_upload_whole)
         ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)
+
+
+def _upload_whole(checkpoint: Checkpoint, name: str) -> Checkpoint:
+    """Ray's own checkpoint upload, made all or nothing: a full disk (or a crash) mid-copy must not
+    leave a checkpoint folder that looks finished.
+
+    On a file system (local, NFS) the copy goes to a hidden ``.NAME.partial`` and is renamed to
+    ``NAME`` once whole; object stores (no directory rename) get the copy under its own name. A
+    failed copy is removed and the error names the storage."""
+    import pyarrow.fs
+
+    storage = ray.train.get_context().get_storage()
+    fs, final = storage.storage_filesystem, storage.build_checkpoint_path_from_name(name)
+    renames = isinstance(fs, pyarrow.fs.LocalFileSystem)
+    staged = f".{name}.partial" if renames else name
+    try:
+        uploaded = storage.persist_current_checkpoint(checkpoint, staged)
+        if renames:
+            fs.move(uploaded.path, final)
+    except OSError as err:
+        with contextlib.suppress(OSError):
+            fs.delete_dir(storage.build_checkpoint_path_from_name(staged))
+        cause = "disk full" if err.errno == errno.ENOSPC else str(err).splitlines()[0]
+        raise OSError(err.errno, f"checkpoint {name} not saved to {storage.experiment_fs_path}: {cause}") from None
+    return Checkpoint(path=final, filesystem=fs)
 
 
 def _die(message: str) -> None:
@@ -175,17 +211,103 @@ def build_trainer(cfg: Config, *, name: str | None = None, callbacks: list | Non
     """A ``TorchTrainer`` for ``cfg``; the backend is gloo on CPU, NCCL with GPUs (TorchConfig default).
 
     ``mlflow_run=(tracking_uri, run_id)``: rank 0 logs each epoch's metrics to that run."""
-    resources = {"CPU": cfg.train.cpus_per_worker, **({"GPU": 1} if cfg.train.use_gpu else {})}
     return TorchTrainer(
         train_fn_per_worker,
         train_loop_config={"cfg": cfg.to_dict(), "mlflow_run": list(mlflow_run) if mlflow_run else None},
         scaling_config=ScalingConfig(num_workers=max(cfg.train.num_workers, 1), use_gpu=cfg.train.use_gpu,
-                                     resources_per_worker=resources),
+                                     resources_per_worker=worker_resources(cfg)[0]),
         run_config=RunConfig(name=name or run_name(cfg), storage_path=storage_uri(cfg.train.storage_path),
                              failure_config=FailureConfig(max_failures=cfg.train.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.checkpoints_to_keep),
                              callbacks=callbacks),
     )
+
+
+def _claim_run(cfg: Config, name: str) -> None:
+    """Record what run ``name`` computes (the keys ``run_name`` digests) in its folder, or refuse (one
+    line, the first differing key) to resume it with a config that computes something else: its
+    checkpoints hold another model, which would fail to load deep inside a worker."""
+    import pyarrow.fs
+
+    fs, root = pyarrow.fs.FileSystem.from_uri(storage_uri(cfg.train.storage_path))
+    path = f"{root}/{name}/{RUN_CONFIG_FILE}"
+    flat = {k: v for k, v in cfg.flat().items() if k.split(".")[0] not in _NOT_IN_NAME and k != "pretrain.cache"}
+    if fs.get_file_info(path).type != pyarrow.fs.FileType.NotFound:
+        with fs.open_input_stream(path) as f:
+            refuse_other_config(json.loads(f.read()), flat, f"Ray Train run {name!r} ({root}/{name})")
+        return
+    fs.create_dir(f"{root}/{name}")
+    with fs.open_output_stream(path) as f:
+        f.write(json.dumps(config_record(flat), indent=1).encode())
+
+
+def _cluster_may_grow() -> bool:
+    """Whether an autoscaler may add nodes to the cluster (``ray up``, KubeRay): then a run larger than
+    the cluster is a reason to wait, not to refuse.
+
+    Ray's autoscaler (v1) publishes its status in the GCS; a cluster without one (``ray.init``,
+    ``ray start``) is watched by a read-only autoscaler that names each node ``node_<id>``, a real
+    one by its node type (``ray up`` clusters report from their start, long before a job runs).
+    Autoscaler v2 says so itself. A status that reads otherwise counts as "may grow": a refusal
+    must never be wrong."""
+    try:
+        from ray._private.ray_constants import DEBUG_AUTOSCALING_STATUS
+        from ray.autoscaler.v2.utils import is_autoscaler_v2
+        from ray.experimental.internal_kv import _internal_kv_get
+
+        if is_autoscaler_v2(fetch_from_server=True):
+            return True
+        status = _internal_kv_get(DEBUG_AUTOSCALING_STATUS)
+        if status is None:  # a cluster started moments ago: its monitor has not reported yet
+            return False
+        return not all(t.startswith("node_") for t in json.loads(status)["autoscaler_report"]["active_nodes"])
+    except Exception:  # noqa: BLE001  (a Ray that moved these: do not refuse)
+        return True
+
+
+def worker_resources(cfg: Config) -> list[dict[str, float]]:
+    """What each Ray Train worker of ``cfg`` reserves, one entry per worker."""
+    one = {"CPU": cfg.train.cpus_per_worker, **({"GPU": 1.0} if cfg.train.use_gpu else {})}
+    return [one] * max(cfg.train.num_workers, 1)
+
+
+def check_cluster_fits(bundles: list[dict[str, float]], key: str) -> None:
+    """Refuse (one-line ``ConfigError`` naming config ``key``) resources that must be placed together,
+    one dict per process, when the cluster cannot hold them all at once or no node holds one: Ray
+    would wait forever, logging a traceback a minute. A cluster an autoscaler may grow is given the
+    benefit of the doubt."""
+    nodes = [n["Resources"] for n in ray.nodes() if n["Alive"]]
+    total = ray.cluster_resources()
+    asked = f"{len(bundles)} x {bundles[0]}" if all(b == bundles[0] for b in bundles) else str(bundles)
+    problem = next((f"{asked} need {need:g} {resource} in all, but the Ray cluster has {total.get(resource, 0.0):g}"
+                    for resource in sorted({r for b in bundles for r in b})
+                    if (need := sum(b.get(resource, 0.0) for b in bundles)) > total.get(resource, 0.0)), None)
+    lone = next((b for b in bundles if not any(all(n.get(r, 0.0) >= v for r, v in b.items()) for n in nodes)), None)
+    if problem is None and lone is not None:
+        problem = f"one process needs {lone}, but no Ray node has that much"
+    if problem is not None and not _cluster_may_grow():
+        raise ConfigError(f"config key '{key}': {problem}; lower it or add nodes")
+
+
+def connect_ray(**init_kwargs: Any) -> None:
+    """``ray.init`` on ``$RAY_ADDRESS`` (unset or ``local``: a cluster on this machine), failing in
+    seconds if nothing answers there: Ray itself retries an unreachable address for many minutes.
+
+    ``host:port`` and ``ray://host:port`` are probed with one TCP connection first; ``auto`` is
+    left to Ray (it fails fast when no cluster was started on this machine)."""
+    if ray.is_initialized():
+        return
+    address = os.environ.get("RAY_ADDRESS") or None
+    target = address.removeprefix("ray://") if address else ""
+    host, _, port = target.rpartition(":")
+    if host and port.isdigit():
+        try:
+            socket.create_connection((host, int(port)), timeout=PROBE_TIMEOUT_S).close()
+        except OSError as err:
+            raise RuntimeError(f"RAY_ADDRESS={address}: no Ray cluster answers at {host}:{port} "
+                               f"({err.strerror or err}); start one (ray start --head) or unset RAY_ADDRESS "
+                               f"to run on a local one") from None
+    ray.init(address=address, **init_kwargs)
 
 
 def _first_line(err: BaseException) -> str:
@@ -208,6 +330,8 @@ def fit(cfg: Config, name: str | None = None, callbacks: list | None = None,
     checkpoint's path (a URI for remote storage), which holds the export."""
     trainer = build_trainer(cfg, name=name, callbacks=callbacks, mlflow_run=mlflow_run)
     name = trainer.run_config.name
+    check_cluster_fits(worker_resources(cfg), "train.num_workers")
+    _claim_run(cfg, name)
     try:
         result = trainer.fit()  # V2 raises result.error itself; the check below is belt and braces
     except ray.train.TrainingFailedError as err:
@@ -241,8 +365,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = make_parser("passray.train", __doc__.split("\n\n")[0])
     args = parser.parse_args(argv)
     cfg = load_from_args(args)  # config errors end here, before Ray starts
-    if not ray.is_initialized():  # RAY_ADDRESS: join that cluster; unset: start a local one
-        ray.init(address=os.environ.get("RAY_ADDRESS"))
+    check_writable(cfg.output_dir, "output_dir")  # where the export goes: known before hours of training
+    if "://" not in cfg.train.storage_path:
+        check_writable(storage_uri(cfg.train.storage_path), "train.storage_path")
+    connect_ray()  # RAY_ADDRESS: join that cluster; unset: start a local one
     metrics, checkpoint = fit(cfg)
     out = copy_export(checkpoint, cfg.output_dir)
     (out / "results.json").write_text(json.dumps(

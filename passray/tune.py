@@ -3,11 +3,17 @@
 The entry point users submit to a cluster:
 ``ray job submit --address http://HEAD:8265 --working-dir . -- python -m passray.tune --config FILE``.
 
-Order of work, so that mistakes cost seconds: validate config and search space -> check
-MLflow is reachable -> dense-train the backbone once (reused by every trial) -> Tune.
-Each trial runs the pipeline in-process (``train.num_workers: 0``) or as a Ray Train
-``TorchTrainer`` whose rank-0 metrics reach Tune through ``TuneReportCallback``; each
-trial is an MLflow child run of one parent run per experiment.
+Order of work, so that mistakes cost seconds: validate config and search space (and, with
+--resume, that the config is the one the experiment was started with) -> check the storage
+is writable, MLflow and Ray are reachable and one trial fits the cluster -> dense-train the
+backbone once (reused by every trial) -> Tune. Each trial runs the pipeline in-process
+(``train.num_workers: 0``) or as a Ray Train ``TorchTrainer`` whose rank-0 metrics reach
+Tune through ``TuneReportCallback``; each trial is an MLflow child run of one parent run
+per experiment.
+
+Ctrl-C stops Tune, which saves the experiment: the results so far are written and marked
+partial, the MLflow runs still open are marked KILLED, nothing is registered, the exit code
+is 130, and --resume continues (a second Ctrl-C skips Tune's last save).
 """
 
 from __future__ import annotations
@@ -15,21 +21,32 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any
 
 import ray
 from ray import tune
 
-from passray._cli import load_from_args, make_parser, next_free, run_cli
-from passray._tune_report import TrialTable, dense_row, pareto_front, trial_name, trial_rows, write_results
+from passray._cli import config_record, load_from_args, make_parser, next_free, refuse_other_config, run_cli
+from passray._state_io import check_writable, write_atomically
+from passray._tune_report import (PARTIAL_NOTE, TrialTable, dense_row, pareto_front, trial_name, trial_rows,
+                                  write_results)
 from passray.config import Config, ConfigError, apply_overrides, validate
 from passray.pipeline import Runtime, pretrain, run
 from passray.tracking import Tracker, resolve_uri
-from passray.train import copy_export, fit, scalar_metrics, storage_uri
+from passray.train import (check_cluster_fits, connect_ray, copy_export, fit, scalar_metrics, storage_uri,
+                           worker_resources)
 
-__all__ = ["build_space", "check_tracking_reaches_trials", "main", "pareto_front", "pretrain_on_cluster"]
+__all__ = ["EXPERIMENT_FILE", "build_space", "check_tracking_reaches_trials", "experiment_config", "main",
+           "pareto_front", "pretrain_on_cluster"]
+
+EXPERIMENT_FILE = "passray_tune.json"  # in the experiment folder: its config record, dense result, MLflow parent
+# Where an experiment lives, not what it computes: --resume names its folder (which may have moved,
+# or be NAME-2 beside an older NAME), and Tune writes nothing to output_dir.
+_WHERE_KEYS = ("tune.name", "train.storage_path", "output_dir")
 
 SPACE_TYPES = ("int", "uniform", "loguniform", "choice")
 # Ray's new console engine ignores a progress_reporter and prints each trial's config and results;
@@ -143,6 +160,9 @@ def run_trial(values: dict[str, Any], *, job: dict[str, Any]) -> None:
                 tracker.log_export(child, copy_export(checkpoint, export))
             tracker.log_config(child, cfg)
             tracker.end(child, "FINISHED")
+    except (SystemExit, KeyboardInterrupt):  # Tune stopped the trial (ASHA, Ctrl-C), maybe after its final report
+        tracker.end(child, "KILLED", if_running=True)
+        raise
     except BaseException:
         tracker.end(child, "FAILED")
         raise
@@ -190,17 +210,32 @@ def _console_env():
             os.environ.pop(key, None)
 
 
+@contextlib.contextmanager
+def _own_sigint():
+    """Tune swaps in its own SIGINT handler for a run (the first Ctrl-C saves the experiment and stops
+    it) and leaves it installed when the run ends without one; afterwards Ctrl-C interrupts again."""
+    if threading.current_thread() is not threading.main_thread():  # where signal handlers cannot be set
+        yield
+        return
+    handler = signal.getsignal(signal.SIGINT)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, handler)
+
+
 def _report(cfg: Config, rows: list[dict[str, Any]], front: list[dict[str, Any]], dense: dict[str, Any] | None,
-            out: Path, tracker: Tracker, parent: str) -> None:
-    title = f"{cfg.tune.name}: {cfg.method} on {cfg.data.name}, {cfg.model.arch} ({len(rows)} trials)"
-    table, front_table = write_results(out, rows, front, dense, list(cfg.tune.space), title)
+            out: Path, tracker: Tracker, parent: str, partial: bool) -> None:
+    title = f"{out.name}: {cfg.method} on {cfg.data.name}, {cfg.model.arch} ({len(rows)} trials)"
+    table, front_table = write_results(out, rows, front, dense, list(cfg.tune.space), title, partial)
     for name in ("pareto.png", "results.json", "results.txt"):
         tracker.client.log_artifact(parent, str(out / name))
     finished = [r["val_accuracy"] for r in rows if r["status"] == "done" and r["val_accuracy"] is not None]
     if finished:
         tracker.log_metrics(parent, {"best_val_accuracy": max(finished), "pareto_size": len(front)})
-    print(f"\n{table}\n\nPareto front (val accuracy vs MACs kept):\n{front_table}")
-    print(f"\nsaved {out}/results.json, results.txt, pareto.png")
+    print(f"\n{PARTIAL_NOTE}\n" if partial else "")
+    print(f"{table}\n\nPareto front (val accuracy vs MACs kept):\n{front_table}")
+    print(f"\nsaved {out}/results.json, results.txt, pareto.png" + (" (partial)" if partial else ""))
 
 
 def _register(cfg: Config, rows: list[dict[str, Any]], front: list[dict[str, Any]], uri: str) -> None:
@@ -237,31 +272,81 @@ def check_tracking_reaches_trials(uri: str, hosts: set[str]) -> None:
                           f"{len(hosts)} hosts whose trials cannot log to it; use an MLflow server (http://...)")
 
 
-def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
-    parser = make_parser("passray.tune", __doc__.split("\n\n")[0])
-    parser.add_argument("--resume", metavar="PATH", help="experiment dir of an interrupted run (Tuner.restore)")
-    args = parser.parse_args(argv)
-    cfg = load_from_args(args)
-    space = build_space(cfg)
-    if "://" in cfg.train.storage_path:  # the shared backbone and results are files the driver writes
-        raise ConfigError(f"config key 'train.storage_path': passray.tune needs a directory every node mounts "
-                          f"(local or NFS), got {cfg.train.storage_path!r}")
-    resume = Path(args.resume).expanduser().resolve() if args.resume else None  # Tuner.restore needs an absolute path
-    if resume is not None and not (resume / "passray_tune.json").is_file():  # before Ray starts: no wait for a typo
-        raise ConfigError(f"--resume {args.resume}: not a passray.tune experiment directory ({resume})")
-    uri = resolve_uri(cfg.tracking.uri)
-    tracker = Tracker(uri)  # fails here, before any training, if MLflow is unreachable
-    ray.init(address=os.environ.get("RAY_ADDRESS"), ignore_reinit_error=True, log_to_driver=False)
-    check_tracking_reaches_trials(uri, {n["NodeManagerAddress"] for n in ray.nodes() if n["Alive"]})
-    storage = storage_uri(cfg.train.storage_path)
-    exp_dir = resume or next_free(Path(storage) / cfg.tune.name)  # a new run never touches an old one
-    if resume is None and exp_dir.name != cfg.tune.name:
+def experiment_config(cfg: Config) -> dict[str, Any]:
+    """What ``--resume`` must find unchanged: the resolved config, the MLflow store included (the parent
+    run lives there; Tuner.restore would silently keep the old search space, scheduler and limits)."""
+    flat = {k: v for k, v in cfg.flat().items() if k not in _WHERE_KEYS}
+    return {**flat, "tracking.uri": resolve_uri(cfg.tracking.uri)}
+
+
+def _resumed_state(cfg: Config, given: str) -> tuple[Path, dict[str, Any]]:
+    """The experiment folder ``--resume`` names and its state; refuses (before Ray starts) a folder that
+    is none, or a config other than the one it was started with."""
+    exp_dir = Path(given).expanduser().resolve()  # Tuner.restore needs an absolute path
+    if not (exp_dir / EXPERIMENT_FILE).is_file():
+        raise ConfigError(f"--resume {given}: not a passray.tune experiment directory ({exp_dir})")
+    state = json.loads((exp_dir / EXPERIMENT_FILE).read_text())
+    if "config_hash" in state:  # experiments of passray versions before the record cannot be checked
+        refuse_other_config(state, experiment_config(cfg), f"experiment {exp_dir}")
+    return exp_dir, state
+
+
+def _tuner(cfg: Config, exp_dir: Path, trainable, space: dict[str, Any], per_trial: float) -> tune.Tuner:
+    """Tuner.restore when Tune saved this experiment before, else a new Tuner in ``exp_dir`` (also on
+    --resume of an experiment interrupted before its first trial, e.g. in the dense training)."""
+    if tune.Tuner.can_restore(str(exp_dir)):
+        return tune.Tuner.restore(str(exp_dir), trainable, resume_unfinished=True, resume_errored=True)
+    from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
+
+    run_config = tune.RunConfig(name=exp_dir.name, storage_path=str(exp_dir.parent),
+                                failure_config=tune.FailureConfig(max_failures=cfg.tune.max_trial_failures),
+                                verbose=1, progress_reporter=TrialTable(list(space)),
+                                callbacks=[CSVLoggerCallback(), JsonLoggerCallback()])
+    return tune.Tuner(trainable, param_space=space, tune_config=_tune_config(cfg, _slots(cfg, per_trial)),
+                      run_config=run_config)
+
+
+def _unfinished(cfg: Config, exp_dir: Path) -> set[str]:
+    """Trials the saved experiment has not finished (what --resume would run), by id, plus a placeholder
+    per sample Tune has not created yet; empty when the experiment is complete. Tune saves the
+    experiment before it stops the trials still running, so the saved state tells an interruption."""
+    from ray.tune import ExperimentAnalysis
+    from ray.tune.experiment import Trial
+
+    trials = ExperimentAnalysis(str(exp_dir)).trials
+    unfinished = {t.trial_id for t in trials if t.status not in (Trial.TERMINATED, Trial.ERROR)}
+    return unfinished | {f"not started {i + 1}" for i in range(cfg.tune.num_samples - len(trials))}
+
+
+def _close(tracker: Tracker, parent: str, status: str) -> None:
+    """End the parent run; a child still RUNNING lost its trial process (killed by Tune's stop)."""
+    tracker.end_children(parent, "KILLED")
+    tracker.end(parent, status)
+
+
+def _new_experiment(cfg: Config, storage: str) -> tuple[Config, Path]:
+    """A new experiment folder (``tune.name``, else the next free ``NAME-2``, ...): a new run never
+    touches an old one, nor one started at the same moment (creating the state file claims a folder)."""
+    while True:
+        exp_dir = next_free(Path(storage) / cfg.tune.name)
+        exp_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            (exp_dir / EXPERIMENT_FILE).open("x").close()
+            break
+        except FileExistsError:  # claimed since next_free looked: take the next one
+            continue
+    if exp_dir.name != cfg.tune.name:
         taken = exp_dir.with_name(cfg.tune.name)
         cfg = validate(apply_overrides(cfg.to_dict(), [f"tune.name={exp_dir.name}"]))
         print(f"{taken} exists (continue it with --resume {taken}); this run is {exp_dir.name}")
-    exp_dir.mkdir(parents=True, exist_ok=True)
-    state_file = exp_dir / "passray_tune.json"
-    state = json.loads(state_file.read_text()) if state_file.exists() else {}
+    return cfg, exp_dir
+
+
+def _sweep(cfg: Config, exp_dir: Path, state: dict[str, Any], tracker: Tracker, space: dict[str, Any],
+           per_trial: float) -> list[dict[str, Any]]:
+    """The shared dense training (once), the MLflow parent run, Tune, the results; an interrupted
+    sweep writes its partial results, then ends in ``KeyboardInterrupt``."""
+    state_file = exp_dir / EXPERIMENT_FILE
     base = cfg.to_dict()
     if cfg.pretrain.epochs > 0 and not cfg.model.weights:
         weights = exp_dir / "backbone.safetensors"
@@ -270,35 +355,68 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             dense = pretrain_on_cluster(cfg, weights)
             state["dense"] = {k: v for k, v in dense.items() if k != "path"}
         base = apply_overrides(base, [f"model.weights={weights}", "pretrain.epochs=0"])
-    if "parent_run_id" not in state:
-        state["parent_run_id"] = tracker.start_parent(cfg.tracking.experiment, cfg.tune.name, params=cfg.flat())
-        tracker.log_config(state["parent_run_id"], cfg)
-    state_file.write_text(json.dumps(state, indent=1))
-    per_trial = cfg.tune.cpus_per_trial if cfg.train.num_workers == 0 else 0.5
-    job = {"base": base, "tracking_uri": uri, "parent_run_id": state["parent_run_id"], "experiment": cfg.tune.name}
-    trainable = tune.with_resources(tune.with_parameters(run_trial, job=job), {"CPU": per_trial})
-    if args.resume:
-        tuner = tune.Tuner.restore(str(exp_dir), trainable, resume_unfinished=True, resume_errored=True)
+    if "parent_run_id" in state:
+        tracker.reopen(state["parent_run_id"])
     else:
-        from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
-
-        tuner = tune.Tuner(trainable, param_space=space, tune_config=_tune_config(cfg, _slots(cfg, per_trial)),
-                           run_config=tune.RunConfig(name=cfg.tune.name, storage_path=storage,
-                                                     failure_config=tune.FailureConfig(max_failures=cfg.tune.max_trial_failures),
-                                                     verbose=1, progress_reporter=TrialTable(list(space)),
-                                                     callbacks=[CSVLoggerCallback(), JsonLoggerCallback()]))
-    with _console_env():
+        state["parent_run_id"] = tracker.start_parent(cfg.tracking.experiment, exp_dir.name, params=cfg.flat())
+        tracker.log_config(state["parent_run_id"], cfg)
+    write_atomically(state_file, json.dumps(state, indent=1))
+    parent = state["parent_run_id"]
+    job = {"base": base, "tracking_uri": tracker.uri, "parent_run_id": parent, "experiment": exp_dir.name}
+    trainable = tune.with_resources(tune.with_parameters(run_trial, job=job), {"CPU": per_trial})
+    tuner = _tuner(cfg, exp_dir, trainable, space, per_trial)
+    with _console_env(), _own_sigint():
         results = tuner.fit()
-    rows = trial_rows(results, cfg.flat())
+    unfinished = _unfinished(cfg, exp_dir)
+    rows = [{**r, "status": "unfinished"} if r["trial"] in unfinished and r["status"] != "ERROR" else r
+            for r in trial_rows(results, cfg.flat())]
     front = pareto_front(rows)
-    _report(cfg, rows, front, dense_row(state.get("dense"), rows), exp_dir, tracker, state["parent_run_id"])
+    _report(cfg, rows, front, dense_row(state.get("dense"), rows), exp_dir, tracker, parent, partial=bool(unfinished))
+    if unfinished:  # nothing registered from a partial sweep: its best may not be the sweep's best
+        raise KeyboardInterrupt(f"{len(unfinished)} of {cfg.tune.num_samples} trials unfinished; partial results in "
+                                f"{exp_dir}; continue with --resume {exp_dir}")
     if cfg.tracking.register_best:
-        _register(cfg, rows, front, uri)
+        _register(cfg, rows, front, tracker.uri)
     failed = sum(1 for r in rows if r["status"] == "ERROR")
-    tracker.end(state["parent_run_id"], "FAILED" if failed == len(rows) else "FINISHED")
+    _close(tracker, parent, "FAILED" if failed == len(rows) else "FINISHED")
     if failed == len(rows):
         raise RuntimeError(f"all {failed} trials failed; see {exp_dir}")
     return rows
+
+
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+    parser = make_parser("passray.tune", __doc__.split("\n\n")[0])
+    parser.add_argument("--resume", metavar="PATH", help="experiment dir of an interrupted run (Tuner.restore); "
+                                                         "with the --config/--set it was started with")
+    args = parser.parse_args(argv)
+    cfg = load_from_args(args)
+    space = build_space(cfg)
+    if "://" in cfg.train.storage_path:  # the shared backbone and results are files the driver writes
+        raise ConfigError(f"config key 'train.storage_path': passray.tune needs a directory every node mounts "
+                          f"(local or NFS), got {cfg.train.storage_path!r}")
+    exp_dir, state = _resumed_state(cfg, args.resume) if args.resume else (None, {})
+    storage = storage_uri(cfg.train.storage_path)
+    check_writable(exp_dir or storage, "train.storage_path")
+    uri = resolve_uri(cfg.tracking.uri)
+    tracker = Tracker(uri)  # fails here, before any training, if MLflow is unreachable
+    connect_ray(log_to_driver=False)  # fails in seconds if RAY_ADDRESS names no cluster
+    check_tracking_reaches_trials(uri, {n["NodeManagerAddress"] for n in ray.nodes() if n["Alive"]})
+    per_trial = cfg.tune.cpus_per_trial if cfg.train.num_workers == 0 else 0.5
+    if cfg.train.num_workers == 0:
+        check_cluster_fits([{"CPU": per_trial}], "tune.cpus_per_trial")
+    else:
+        check_cluster_fits([{"CPU": per_trial}, *worker_resources(cfg)], "train.num_workers")
+    if exp_dir is None:
+        cfg, exp_dir = _new_experiment(cfg, storage)
+        state = config_record(experiment_config(cfg))
+    # written now, so that an experiment stopped in its dense training can be resumed too
+    write_atomically(exp_dir / EXPERIMENT_FILE, json.dumps(state, indent=1))
+    try:
+        return _sweep(cfg, exp_dir, state, tracker, space, per_trial)
+    except KeyboardInterrupt as err:  # a partial sweep, or Ctrl-C outside Tune's own handling (a second one, say)
+        if "parent_run_id" in state:
+            _close(tracker, state["parent_run_id"], "KILLED")
+        raise KeyboardInterrupt(str(err) or f"continue with --resume {exp_dir}") from None
 
 
 if __name__ == "__main__":

@@ -102,6 +102,26 @@ def test_parent_child_runs_metrics_and_artifacts(store, pass_exports, tmp_path):
     assert config["budget"]["keep_ratio"] == 0.4
 
 
+def test_an_interrupted_sweep_ends_its_open_runs_killed(store):
+    """A trial process killed by Tune's stop cannot end its run: the driver ends what is still RUNNING,
+    and only that; a resumed sweep reopens its parent."""
+    tracker = Tracker(store)
+    parent = tracker.start_parent("passray-test", "interrupted")
+    running, failed, done = (tracker.start_child(parent, f"trial-{i}") for i in range(3))
+    tracker.end(failed, "FAILED")
+    tracker.end(done, "KILLED", if_running=True)  # a trial stopped after its last report...
+    tracker.end(done, "FINISHED")
+    tracker.end(done, "KILLED", if_running=True)  # ...keeps the FINISHED it logged
+    other = tracker.start_parent("passray-test", "another sweep")
+    bystander = tracker.start_child(other, "trial-0")
+    assert tracker.end_children(parent, "KILLED") == [running]
+    tracker.end(parent, "KILLED")
+    status = {run_id: tracker.client.get_run(run_id).info.status for run_id in (running, failed, done, bystander)}
+    assert status == {running: "KILLED", failed: "FAILED", done: "FINISHED", bystander: "RUNNING"}
+    tracker.reopen(parent)
+    assert tracker.client.get_run(parent).info.status == "RUNNING"
+
+
 # ------------------------------------------------------------------ registry
 def test_register_find_load_round_trip(store, scenario):
     a = scenario["a"]
