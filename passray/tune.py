@@ -246,8 +246,10 @@ def _register(cfg: Config, rows: list[dict[str, Any]], front: list[dict[str, Any
     for row in chosen:
         if row.get("mlflow_run_id"):
             info = register_run(row["mlflow_run_id"], tracking_uri=uri)
-            names = [f"{v['name']} v{v['version']}" for k, v in info.items() if isinstance(v, dict) and "version" in v]
-            print(f"registered trial {row['trial']}: {', '.join(names)}")
+            versions = [v for v in info.values() if isinstance(v, dict) and "version" in v]
+            names = ", ".join(f"{v['name']} v{v['version']}" for v in versions)
+            again = versions and all(v.get("existing") for v in versions)
+            print(f"trial {row['trial']} {'was already registered' if again else 'registered'}: {names}")
 
 
 def _pretrain_task(cfg_dict: dict[str, Any], path: str) -> dict[str, Any]:
