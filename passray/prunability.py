@@ -3,12 +3,16 @@
 Torch-Pruning traces most CNNs, but on some graphs (timm cspnet, ghostnet, mixnet, nfnet,
 sknet, res2net, ...) its groups are wrong in ways that show only when the network is
 physically pruned: after the search, an hour into a run, as a bare traceback. The trial
-finds that in seconds. On a copy whose norm layers and biases are randomised (so a
-wrongly gated channel shows), it masks a random subset of every group, prunes the copy
+finds that in seconds. It first checks that every group's index mapping stays inside its
+layers and that the cost model keeps every layer at least one channel wide at the floor.
+Then, on a copy whose norm layers, biases and head are randomised (so a wrongly gated
+channel shows in the output), it masks a random subset of every group, prunes the copy,
 and checks that masked == pruned, that the cost model counts the pruned layers exactly,
-and that the pruned weights reload from safetensors. A failure is located by bisection
-over the groups (in network order) and refused in one line naming the first bad group.
-"""
+that the pruned weights reload from safetensors, and that the pruned network also runs
+in training mode (fine-tuning does; aux heads run only there). A failure is located by
+bisection over the groups (in network order) and refused in one line naming the first
+bad group. Last, a MACs/params budget that groups left whole put out of reach is refused
+with that cause."""
 
 from __future__ import annotations
 
@@ -24,15 +28,16 @@ from passray._cost import _LAYERS, _dims
 from passray.budget import Allocator
 from passray.config import BudgetConfig
 from passray.export import build_groups, check_equivalence, exact_fp32, load_tensors
-from passray.groups import _NORMS, ChannelGroup, ChannelGroups, count_macs_params
+from passray.groups import _NORMS, ChannelGroups, count_macs_params
+from passray.models import classifier
 
 __all__ = ["check_prunable"]
 
-_ADVICE = "choose another model.arch (Torch-Pruning does not prune this one exactly)"
+_ADVICE = "choose another model.arch"
 _COUNT_TOLERANCE = 1e-6  # relative: the cost model is exact, this only absorbs float64 rounding
 
 
-def check_prunable(backbone: nn.Module, image_size: int, budget: BudgetConfig, arch: str, seed: int = 0) -> None:
+def check_prunable(backbone: nn.Module, image_size: int, budget: BudgetConfig, arch: str) -> None:
     """Return if ``backbone`` prunes exactly under ``budget``'s constraints; else raise a one-line ``ValueError``.
 
     ``arch`` names the backbone in the message. ``backbone`` itself is left untouched (the trial
@@ -45,8 +50,8 @@ def check_prunable(backbone: nn.Module, image_size: int, budget: BudgetConfig, a
         found = _mapped_outside(groups) or _shrunk_below_one(groups, budget)
         if found is not None:
             _refuse(arch, backbone, groups, *found)
-        masks = _random_masks(groups, budget, seed)
-        x = torch.randn(2, 3, image_size, image_size, generator=torch.Generator().manual_seed(seed)).to(device)
+        masks = _random_masks(groups, budget)
+        x = torch.randn(2, 3, image_size, image_size, generator=torch.Generator().manual_seed(0)).to(device)
         cause = _attempt(model, groups, masks, x)
         if cause is not None:
             _refuse(arch, backbone, groups, *_first_bad_group(backbone, image_size, arch, masks, x, cause))
@@ -58,25 +63,37 @@ def _device(model: nn.Module) -> torch.device:
 
 
 def _prepared(backbone: nn.Module, image_size: int, arch: str) -> tuple[nn.Module, ChannelGroups]:
-    """An eval-mode copy of ``backbone`` with randomised norms and biases, and its channel groups."""
+    """An eval-mode copy of ``backbone`` with randomised norms, biases and head, and its channel groups."""
     model = copy.deepcopy(backbone).eval()
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.running_mean is not None:
-                module.running_mean.copy_(torch.randn(module.running_mean.shape, generator=generator) * 0.1)
-                module.running_var.copy_(torch.rand(module.running_var.shape, generator=generator) + 0.5)
-            if isinstance(module, _NORMS) and getattr(module, "weight", None) is not None:
-                module.weight.copy_(torch.rand(module.weight.shape, generator=generator) + 0.5)
-            if isinstance(module, (*_NORMS, *_LAYERS)) and getattr(module, "bias", None) is not None:
-                module.bias.copy_(torch.randn(module.bias.shape, generator=generator) * 0.1)
     try:
-        return model, build_groups(model, image_size)
+        groups = build_groups(model, image_size)
     except ValueError as err:
         raise ValueError(f"{arch}: cannot be pruned: {err}; {_ADVICE}") from None
+    _randomise(model)
+    return model, groups
 
 
-def _refuse(arch: str, backbone: nn.Module, groups: ChannelGroups, index: int, cause: str) -> NoReturn:
+@torch.no_grad()
+def _randomise(model: nn.Module) -> None:
+    """Norm statistics and affine parameters, biases and the head's weights, so that a channel gated or pruned
+    wrongly shows in the output (fresh BNs map a zero channel to zero anyway; timm may start the head near zero)."""
+    generator = torch.Generator().manual_seed(0)
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.running_mean is not None:
+            module.running_mean.copy_(torch.randn(module.running_mean.shape, generator=generator) * 0.1)
+            module.running_var.copy_(torch.rand(module.running_var.shape, generator=generator) + 0.5)
+        if isinstance(module, _NORMS) and getattr(module, "weight", None) is not None:
+            module.weight.copy_(torch.rand(module.weight.shape, generator=generator) + 0.5)
+        if isinstance(module, (*_NORMS, *_LAYERS)) and getattr(module, "bias", None) is not None:
+            module.bias.copy_(torch.randn(module.bias.shape, generator=generator) * 0.1)
+    head = classifier(model)
+    if isinstance(head, nn.Linear):
+        head.weight.copy_(torch.randn(head.weight.shape, generator=generator) / head.in_features ** 0.5)
+
+
+def _refuse(arch: str, backbone: nn.Module, groups: ChannelGroups, index: int | None, cause: str) -> NoReturn:
+    if index is None:
+        raise ValueError(f"{arch}: cannot be pruned exactly: even with no channel removed, {cause}; {_ADVICE}")
     group = groups.groups[index]
     root = backbone.get_submodule(group.name)  # the dense original: the trial's copy may be pruned by now
     layer = type(root).__name__ + (f" {_dims(root)[1]}->{_dims(root)[0]}" if isinstance(root, _LAYERS) else "")
@@ -85,10 +102,11 @@ def _refuse(arch: str, backbone: nn.Module, groups: ChannelGroups, index: int, c
 
 
 def _mapped_outside(groups: ChannelGroups) -> tuple[int, str] | None:
-    """The first group whose Torch-Pruning index mapping names channels a layer does not have, or one twice.
+    """The first group whose Torch-Pruning index mapping names channels a layer or the group does not have.
 
-    Its split/chunk/concat mapping goes wrong on some graphs (timm res2net, cspnet): pruning such
-    a group indexes out of range, and the cost model shrinks layers below zero channels.
+    Its split/chunk/concat mapping goes wrong on some graphs (timm res2net, cspnet, ghostnet): pruning
+    such a group indexes out of range, the gates mask the wrong channels, and the cost model shrinks
+    layers below zero channels.
     """
     for index, group in enumerate(groups.groups):
         for item in group.items:
@@ -100,6 +118,9 @@ def _mapped_outside(groups: ChannelGroups) -> tuple[int, str] | None:
             if idxs and (max(idxs) >= channels or len(set(idxs)) < len(idxs)):
                 return index, (f"Torch-Pruning maps its {group.width} channels onto {len(idxs)} {item.dim}-channels "
                                f"up to index {max(idxs)} of {item.module}, which has {channels}")
+            if len(item.root_idxs) and int(item.root_idxs.max()) >= group.width:
+                return index, (f"Torch-Pruning ties {item.dim}-channels of {item.module} to channel "
+                               f"{int(item.root_idxs.max())} of a group of {group.width}")
     return None
 
 
@@ -121,11 +142,11 @@ def _shrunk_below_one(groups: ChannelGroups, budget: BudgetConfig) -> tuple[int,
             column = int(bad[0])
             index = int(share[:, column].argmax())
             return index, (f"at min_channels={budget.min_channels} the cost model leaves a layer with "
-                           f"{float(size[0, column]):.0f} of its {float(dense[column]):.0f} {dim}-channels")
+                           f"{float(size[0, column]):.3g} of its {float(dense[column]):.0f} {dim}-channels")
     return None
 
 
-def _random_masks(groups: ChannelGroups, budget: BudgetConfig, seed: int) -> list[torch.Tensor]:
+def _random_masks(groups: ChannelGroups, budget: BudgetConfig) -> list[torch.Tensor]:
     """About half of every group's channels, at random positions, never below the allocator's floor."""
     step = budget.round_to
     masks = []
@@ -133,7 +154,7 @@ def _random_masks(groups: ChannelGroups, budget: BudgetConfig, seed: int) -> lis
         keep = min(width, max(floor, -(-(width // 2) // step) * step))
         if keep == width and floor < width:
             keep = floor
-        chosen = torch.randperm(width, generator=torch.Generator().manual_seed(seed * 100_003 + index))[:keep]
+        chosen = torch.randperm(width, generator=torch.Generator().manual_seed(index))[:keep]
         masks.append(torch.zeros(width).index_fill_(0, chosen, 1.0))
     return masks
 
@@ -150,7 +171,8 @@ def _attempt(model: nn.Module, groups: ChannelGroups, masks: list[torch.Tensor],
             stage = "the pruned forward"
             pruned = model(x)
             stage = "the comparison"
-            check_equivalence(masked, pruned)
+            scale = masked.abs().max().clamp(min=torch.finfo(masked.dtype).tiny)
+            check_equivalence(masked / scale, pruned / scale)  # relative to the output's size, however small
             measured = dict(zip(("macs", "params"), count_macs_params(model, x[:1])))
             kept = groups.kept_counts(masks)[None]
             for kind, value in measured.items():
@@ -172,10 +194,11 @@ def _attempt(model: nn.Module, groups: ChannelGroups, masks: list[torch.Tensor],
 
 
 def _first_bad_group(backbone: nn.Module, image_size: int, arch: str, masks: list[torch.Tensor], x: torch.Tensor,
-                     cause: str) -> tuple[int, str]:
-    """Bisect over prefixes of the groups (network order): the group whose masking first makes the trial fail."""
+                     cause: str) -> tuple[int | None, str]:
+    """Bisect over prefixes of the groups (network order): the group whose masking first makes the trial fail,
+    or None when it fails with no channel removed (then no group is to blame: the network itself is)."""
     ones = [torch.ones_like(m) for m in masks]
-    good, bad = 0, len(masks)  # masking no group passes; masking all of them fails with ``cause``
+    good, bad = -1, len(masks)  # masked prefixes: ``bad`` groups fail with ``cause``; ``good`` ones pass
     while bad - good > 1:
         middle = (good + bad) // 2
         model, groups = _prepared(backbone, image_size, arch)
@@ -184,7 +207,7 @@ def _first_bad_group(backbone: nn.Module, image_size: int, arch: str, masks: lis
             good = middle
         else:
             bad, cause = middle, found
-    return bad - 1, cause
+    return (bad - 1 if bad > 0 else None), cause
 
 
 def _check_budget_reachable(groups: ChannelGroups, budget: BudgetConfig, arch: str) -> None:

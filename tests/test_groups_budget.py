@@ -169,9 +169,59 @@ def test_any_tracing_error_is_one_line() -> None:
             return self.head(self.conv(x).mean((2, 3)) + None)
 
     model = Broken()
-    with pytest.raises(ValueError, match=r"Broken: Torch-Pruning cannot derive its channel groups \(TypeError: ") as err:
+    with pytest.raises(ValueError, match=r"Broken: Torch-Pruning cannot derive its channel groups \(TypeError: ") as e:
         build_groups(model, 8)
-    assert "\n" not in str(err.value)
+    assert "\n" not in str(e.value)
+
+
+def test_a_gate_on_part_of_a_wider_group_masks_only_its_channels() -> None:
+    """bn1 holds channels 0-7 of a 16-channel group (a concat added to a residual): its gate must take
+    those 8 entries of the mask, not the whole mask (timm ghostnet's masked forward crashed on this)."""
+
+    class CatResidual(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8))
+            self.b = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8))
+            self.shortcut = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 1), torch.nn.BatchNorm2d(16))
+            self.out = torch.nn.Conv2d(16, 4, 3, padding=1)
+            self.head = torch.nn.Linear(4, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = torch.cat([self.a(x), self.b(x)], 1) + self.shortcut(x)
+            return self.head(self.out(y.relu()).mean((2, 3)))
+
+    model = CatResidual().eval()
+    _randomise_bn(model)
+    groups = build_groups(model, 8)
+    assert 16 in groups.widths
+    masks = [(torch.arange(w) % 3 != 0).float() for w in groups.widths]
+    x = torch.randn(2, 3, 8, 8)
+    groups.set_masks(masks)
+    with torch.no_grad():
+        masked = model(x)
+    groups.prune(masks)
+    with torch.no_grad():
+        check_equivalence(masked, model(x), tolerance=1e-5)
+
+
+def test_layers_that_never_run_still_count_their_parameters() -> None:
+    """torchvision GoogLeNet's aux heads run only in training mode: no MACs in eval, but their weights exist."""
+
+    class WithAux(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8))
+            self.aux = torch.nn.Conv2d(8, 5, 1)
+            self.head = torch.nn.Linear(8, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.conv(x).mean((2, 3)))
+
+    model = WithAux()
+    groups = build_groups(model, 8)
+    assert groups.cost.dense("params") == sum(p.numel() for p in model.parameters())
+    assert groups.cost.dense("macs") == count_macs_params(model, torch.zeros(1, 3, 8, 8))[0]
 
 
 def test_untraceable_model_gives_one_line_error() -> None:
