@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import signal
 import tempfile
@@ -69,6 +70,8 @@ def _domain(key: str, spec: dict[str, Any]):
     low, high = spec.get("low"), spec.get("high")
     if not isinstance(low, (int, float)) or not isinstance(high, (int, float)):
         raise ConfigError(f"{where}: '{kind}' needs numeric 'low' and 'high'")
+    if not (math.isfinite(low) and math.isfinite(high)):
+        raise ConfigError(f"{where}: 'low' and 'high' must be finite, got low={low} high={high}")
     if not low < high:
         raise ConfigError(f"{where}: empty range, low={low} must be < high={high}")
     if kind == "loguniform" and low <= 0:

@@ -63,6 +63,8 @@ def _write(tmp_path: Path, **changes) -> Path:
     ({"budget.keep_ratio": {"type": "uniform", "low": 0.5, "high": 1.5}}, "tune.space.budget.keep_ratio"),
     ({"hypernet.hidden_size": {"type": "choice", "values": []}}, "non-empty list"),
     ({"search.lr": {"type": "loguniform", "low": 0.0, "high": 0.1}}, "low > 0"),
+    ({"search.lr": {"type": "loguniform", "low": 1e-4, "high": float("inf")}}, "must be finite"),
+    ({"search.lr": {"type": "uniform", "low": float("nan"), "high": 0.1}}, "must be finite"),
 ])
 def test_search_space_errors_fail_before_ray_starts(tmp_path: Path, space: dict, needle: str) -> None:
     import ray
