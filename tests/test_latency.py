@@ -24,7 +24,9 @@ BATCH = 16  # large enough that compute, not per-call overhead, dominates on a C
 RATIOS = [0.4, 0.6]
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread_first(one_thread) -> None:
+    """Autouse, so it is set before the module's table fixtures time anything (a mark gives no order)."""
 
 
 def _groups(arch: str = "convnet", width: float = 0.25):
