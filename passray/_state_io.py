@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 from pathlib import Path
 from typing import Any
 
@@ -43,19 +44,23 @@ def _join(tree: Any, tensors: dict[str, torch.Tensor]) -> Any:
 
 
 def write_atomically(path: str | Path, data: bytes | str) -> Path:
-    """``path`` holds all of ``data`` or stays as it was: written beside it, then renamed over it.
+    """``path`` holds all of ``data`` or stays as it was: written beside it under a name of this
+    writer's own (concurrent writers never share a temporary file), then renamed over it.
 
     A full disk (or any write error) removes the partial file and raises an ``OSError`` that
     names ``path``, not the temporary name."""
     path = Path(path)
-    partial = path.with_name(f".{path.name}.partial")
+    partial = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.partial")
     try:
-        with open(partial, "wb") as f:
+        with open(partial, "xb") as f:
             f.write(data.encode() if isinstance(data, str) else data)
         os.replace(partial, path)
     except OSError as err:
         partial.unlink(missing_ok=True)
         raise OSError(err.errno, f"cannot write {path}: {err.strerror}") from None
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
     return path
 
 

@@ -24,7 +24,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -33,6 +32,7 @@ import safetensors.torch
 import torch
 
 import passray
+from passray._state_io import write_atomically
 from passray.config import Config
 
 __all__ = ["ENV", "cache_root", "dense_key", "entry_paths", "load", "store"]
@@ -117,19 +117,7 @@ def store(key: dict[str, Any], state: Mapping[str, torch.Tensor], record: dict[s
     weights.parent.mkdir(parents=True, exist_ok=True)
     data = safetensors.torch.save({k: v.detach().cpu().contiguous() for k, v in state.items()})
     created = datetime.datetime.now().isoformat(timespec="seconds")
-    _replace(weights, data)
-    _replace(marker, json.dumps({"key": key, **record, "sha256": hashlib.sha256(data).hexdigest(),
-                                 "created": created}, indent=1).encode())
+    write_atomically(weights, data)
+    write_atomically(marker, json.dumps({"key": key, **record, "sha256": hashlib.sha256(data).hexdigest(),
+                                         "created": created}, indent=1))
     return weights
-
-
-def _replace(path: Path, data: bytes) -> None:
-    """Write a temporary file next to ``path`` (a name of its own per writer), then rename it over ``path``."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as out:
-            out.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
