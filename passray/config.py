@@ -189,6 +189,17 @@ class Config(_Section):
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
 
+    def derive(self, changes: dict[str, Any]) -> "Config":
+        """This config with dotted keys changed (``{"search.epochs": 3}``), validated again.
+
+        The one way tune, transfer and the benchmarks make a config from another: values stay
+        typed (no ``key=value`` strings), and a bad key or value is a one-line ``ConfigError``.
+        """
+        tree = copy.deepcopy(self.to_dict())
+        for key, value in changes.items():
+            _set_dotted(tree, key, value)
+        return validate(tree)
+
     def flat(self) -> dict[str, Any]:
         """Dotted keys -> scalar values (MLflow params, result tables)."""
         return dict(_flatten(self.to_dict()))
