@@ -298,35 +298,26 @@ def mean_std(values: Iterable[float | None]) -> tuple[float | None, float | None
 
 
 class _DatasetCache:
-    """Decode each dataset once per process: the pipeline calls ``load_dataset`` for every run.
+    """Decode each dataset once per process: every run of a benchmark asks for its data again.
 
-    Replaces ``passray.pipeline.load_dataset`` with a memoised version keyed by the whole
-    ``DataConfig``, so every run still sees exactly the dataset its config describes (and
-    the configs stored with the rows stay valid ``passray.prune`` configs).
+    ``load`` is a ``Runtime.load_data`` (the pipeline's data source) memoised by the whole
+    ``DataConfig``, so every run still sees exactly the dataset its config describes (and the
+    configs stored with the rows stay valid ``passray.prune`` configs).
     """
 
     def __init__(self) -> None:
         self.cache: dict[str, Any] = {}
         self.load_seconds: dict[str, float] = {}
-        self.installed = False
 
-    def install(self) -> None:
-        if self.installed:
-            return
-        from passray import pipeline
+    def load(self, cfg):
+        from passray.data import load_dataset
 
-        original = pipeline.load_dataset
-
-        def load(cfg):
-            key = cfg.model_dump_json()
-            if key not in self.cache:
-                t0 = time.perf_counter()
-                self.cache[key] = original(cfg)
-                self.load_seconds[key] = time.perf_counter() - t0
-            return self.cache[key]
-
-        pipeline.load_dataset = load
-        self.installed = True
+        key = cfg.model_dump_json()
+        if key not in self.cache:
+            t0 = time.perf_counter()
+            self.cache[key] = load_dataset(cfg)
+            self.load_seconds[key] = time.perf_counter() - t0
+        return self.cache[key]
 
     def loaded(self, data_cfg) -> bool:
         return data_cfg.model_dump_json() in self.cache

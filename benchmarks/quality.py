@@ -177,7 +177,7 @@ def ensure_backbone(args: argparse.Namespace, name: str, results: ResultsFile) -
         print(f"[quality] pretraining the {name!r} backbone ({cfg.pretrain.epochs} epochs) -> {weights}", flush=True)
         full = weights.with_name(weights.stem + "-with-head.safetensors")
         with deterministic():
-            out = pretrain(cfg, full, Runtime(progress=False))
+            out = pretrain(cfg, full, Runtime(progress=False, load_data=cached_datasets.load))
         if setting.new_head:
             _strip_head(cfg, full, weights)
             full.unlink()
@@ -217,18 +217,17 @@ def _pretrain_estimate(args: argparse.Namespace, name: str, results: ResultsFile
 class EpochRecorder:
     """The pipeline's reporter: per-epoch metrics and wall time of search and fine-tune epochs.
 
-    ``wrap`` is called when a stage's epoch loop starts (the pipeline wraps the module for
-    DDP there), so the first epoch's time excludes setup; every epoch's time includes its
-    evaluation (evaluation reads the metrics back to the host, which synchronises CUDA).
+    ``epoch_start`` (the runtime's ``on_epoch_start``) marks each epoch's start, so an epoch's time
+    excludes setup and the previous report; it includes the epoch's evaluation (evaluation reads
+    the metrics back to the host, which synchronises CUDA).
     """
 
     def __init__(self) -> None:
         self.epochs: list[dict[str, Any]] = []
         self._mark = time.perf_counter()
 
-    def wrap(self, module):
+    def epoch_start(self, stage: str, epoch: int) -> None:
         self._mark = time.perf_counter()
-        return module
 
     def report(self, metrics: dict[str, Any], save_state) -> None:
         if metrics.get("stage") not in ("search", "finetune"):
@@ -237,7 +236,6 @@ class EpochRecorder:
         keep = ("stage", "epoch", "train_loss", "train_accuracy", "val_accuracy", "test_accuracy", "macs_ratio",
                 "mask_overlap_initial", "mask_overlap_taylor", "kept_per_group")
         self.epochs.append({**{k: metrics[k] for k in keep if k in metrics}, "seconds": stamp - self._mark})
-        self._mark = stamp
 
     def stage(self, name: str) -> list[dict[str, Any]]:
         return [e for e in self.epochs if e["stage"] == name]
@@ -269,7 +267,8 @@ def run_row(args: argparse.Namespace, setting: str, row: str, target: float, see
     export = Path(tempfile.mkdtemp(prefix="export-", dir=args.workdir))
     try:
         t0 = time.perf_counter()
-        out = run(cfg, Runtime(reporter=recorder, wrap=recorder.wrap, progress=False, export_dir=str(export)))
+        out = run(cfg, Runtime(reporter=recorder, on_epoch_start=recorder.epoch_start, load_data=cached_datasets.load,
+                               progress=False, export_dir=str(export)))
         wall = time.perf_counter() - t0
         structure = json.loads((export / "structure.json").read_text())
     finally:
@@ -349,8 +348,7 @@ def remeasure_speedup(paths: list[str]) -> None:
     import torch
 
     from passray.config import Config
-    from passray.data import load_dataset
-    from passray.export import build_groups
+    from passray.groups import build_groups
     from passray.latency import measure_speedup
     from passray.models import create_backbone
 
@@ -364,7 +362,7 @@ def remeasure_speedup(paths: list[str]) -> None:
             device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
             data_key = cfg.data.model_dump_json()
             if data_key not in shapes:
-                ds = load_dataset(cfg.data)
+                ds = cached_datasets.load(cfg.data)
                 shapes[data_key] = ds.num_classes, ds.image_size
             num_classes, image_size = shapes[data_key]
             pruned = create_backbone(cfg.model.model_copy(update={"weights": None}), num_classes).to(device)
@@ -592,7 +590,6 @@ def main(argv: list[str] | None = None) -> int:
         remeasure_speedup(args.remeasure_speedup)
         return 0
     if args.profile_latency:
-        cached_datasets.install()
         profile_latency(args)
         return 0
     if args.summarise or args.merge:
@@ -609,7 +606,6 @@ def main(argv: list[str] | None = None) -> int:
     budget = TimeBudget(args.time_budget, reserve=PLOT_RESERVE_S)
     results = ResultsFile(args.results, "quality", KEY_FIELDS, protocol(args))
     results.start_invocation(settings)
-    cached_datasets.install()
     if args.pretrain_only:
         for setting in args.setting:
             ensure_backbone(args, setting, results)

@@ -85,7 +85,7 @@ class Nets:
     def _pruned(self, name: str) -> nn.Module:
         from passray.budget import Allocator
         from passray.config import BudgetConfig
-        from passray.export import build_groups
+        from passray.groups import build_groups
         from passray.importance import compute_scores
 
         kind, target = name.split("@")
@@ -154,8 +154,16 @@ def train_step(nets: Nets, case: Case, device: torch.device) -> Callable[[], Non
     net = nets.get(case.net).to(device).train()
     if cl:
         net = net.to(memory_format=torch.channels_last)
-    opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    opt = _optimizer(net.parameters(), "sgd", lr=0.01, weight_decay=5e-4)
     return _step(net, opt, *_batch(nets, case, device, cl), device, case.dtype)
+
+
+def _optimizer(params, kind: str, **kw) -> torch.optim.Optimizer:
+    """The optimizer the pipeline builds (``engine.build_optimizer``: fused on a GPU)."""
+    from passray.config import OptimConfig
+    from passray.engine import build_optimizer
+
+    return build_optimizer(list(params), OptimConfig(optimizer=kind, **kw), 1_000_000)[0]
 
 
 def _step(net: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
@@ -170,15 +178,16 @@ def _step(net: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: 
     return step
 
 
-def search_step(nets: Nets, case: Case, device: torch.device) -> Callable[[], None]:
-    """A PASS search step built as ``passray.pipeline`` builds it (backbone frozen but the head)."""
+def search_step(nets: Nets, case: Case, device: torch.device, cuda_graph: bool = True) -> Callable[[], None]:
+    """A PASS search step built as ``passray.search`` builds it (backbone frozen but the head)."""
     from passray.budget import Allocator
     from passray.config import BudgetConfig, HypernetConfig, PromptConfig
-    from passray.export import build_groups
+    from passray.groups import build_groups
     from passray.hypernet import create_pass_pruner
     from passray.models import classifier
     from passray.network import PrunableNet
     from passray.prompts import create_prompt
+    from passray.search import SearchNet
 
     cl = device.type == "cuda"
     backbone = nets.get("dense").to(device)
@@ -188,31 +197,50 @@ def search_step(nets: Nets, case: Case, device: torch.device) -> Callable[[], No
     groups = build_groups(backbone, nets.args.image_size)
     budget = BudgetConfig(keep_ratio=float(case.net.split("@")[1]), allocation="global",
                           min_channels=nets.args.min_channels, round_to=nets.args.round_to)
-    pruner = create_pass_pruner(groups, HypernetConfig(), Allocator(groups.cost, budget, device),
+    torch.manual_seed(0)
+    pruner = create_pass_pruner(groups, HypernetConfig(cuda_graph=cuda_graph), Allocator(groups.cost, budget, device),
                                 net.prompt.enabled).to(device)
     hypernet = pruner.hypernet
     head = classifier(backbone)
     backbone.requires_grad_(False)
     head.requires_grad_(True)
-    net.attach(groups, pruner)
-    opt = torch.optim.AdamW([*hypernet.parameters(), *net.prompt.parameters(), *head.parameters()], lr=3e-3, weight_decay=0.0)
-    return _step(net, opt, *_batch(nets, case, device, cl), device, case.dtype)
+    net.attach(groups)
+    opt = _optimizer([*hypernet.parameters(), *net.prompt.parameters(), *head.parameters()], "adamw", lr=3e-3,
+                     weight_decay=0.0)
+    step = _step(SearchNet(net, pruner), opt, *_batch(nets, case, device, cl), device, case.dtype)
+    step.pruner = pruner  # type: ignore[attr-defined]  (for graph_matches_eager)
+    return step
+
+
+def graph_matches_eager(nets: Nets, case: Case, device: torch.device, steps: int = 3) -> bool | None:
+    """Do the CUDA-graphed mask computation and the eager one draw the same masks, step after step,
+    from the same start? (Deterministic kernels, so that only the launch path differs.) None on a CPU."""
+    if device.type != "cuda":
+        return None
+    masks = {}
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        for graph in (False, True):
+            torch.manual_seed(0)
+            step, drawn = search_step(nets, case, device, cuda_graph=graph), []
+            for _ in range(steps):
+                step()
+                drawn.append([m.clone() for m in step.pruner.last.masks])
+            masks[graph] = drawn
+    finally:
+        torch.use_deterministic_algorithms(False)
+    return all(torch.equal(a, b) for x, y in zip(masks[False], masks[True]) for a, b in zip(x, y))
 
 
 def infer_step(nets: Nets, case: Case, device: torch.device) -> Callable[[], None]:
-    """Forward only, eval mode; bf16 means bf16 weights and inputs (as deployed), not autocast."""
-    dtype = torch.bfloat16 if case.dtype == "bf16" else torch.float32
-    cl = device.type == "cuda"
-    net = nets.get(case.net).eval().to(device=device, dtype=dtype)
-    if cl:
-        net = net.to(memory_format=torch.channels_last)
-    x = _batch(nets, case, device, cl)[0].to(dtype)
+    """Forward only, through the serving path (``passray.serving.Served``: eval mode, bf16 weights and
+    inputs as deployed, channels_last and one CUDA graph per batch size on a GPU; eager on a CPU)."""
+    from passray.serving import Served
 
-    def step() -> None:
-        with torch.inference_mode():
-            net(x)
-
-    return step
+    served = Served(nets.get(case.net), case.batch, device, case.dtype,
+                    input_shape=(3, nets.args.image_size, nets.args.image_size))
+    x = _batch(nets, case, device, device.type == "cuda")[0].to(served.dtype)
+    return lambda: served(x)
 
 
 BUILDERS = {"train": train_step, "search": search_step, "infer": infer_step}
@@ -241,26 +269,42 @@ def measure(nets: Nets, case: Case, args: argparse.Namespace) -> dict[str, Any]:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     step = BUILDERS[case.part](nets, case, device)
+    # A search step is timed in alternation with a dense training step: both see the same host and
+    # GPU conditions, which drift by more than the difference between them on a shared machine.
+    dense = train_step(nets, Case("train", "dense", case.device, case.batch, case.dtype), device) \
+        if case.part == "search" else None
     for _ in range(args.warmup):
         step()
+        if dense is not None:
+            dense()
     _sync(device)
     syncs = _count_syncs(step, device)
-    per_repeat = []
-    for _ in range(args.repeats):
+
+    def timed(fn: Callable[[], None]) -> float:
         _sync(device)
         t0 = time.perf_counter()
         for _ in range(steps):
-            step()
+            fn()
         _sync(device)
-        per_repeat.append((time.perf_counter() - t0) / steps)
+        return (time.perf_counter() - t0) / steps
+
+    per_repeat, dense_repeats = [], []
+    for _ in range(args.repeats):
+        per_repeat.append(timed(step))
+        if dense is not None:
+            dense_repeats.append(timed(dense))
     seconds_per_step = statistics.median(per_repeat)
+    paired = {} if dense is None else {
+        "dense_ms_per_step_paired": 1000 * statistics.median(dense_repeats),
+        "search_step_over_dense_step_paired": statistics.median(dense_repeats) / seconds_per_step}
+    exact = graph_matches_eager(nets, case, device) if case.part == "search" else None
     name = case.net if case.part != "search" else "dense"
     macs, params = nets.cost(name)
     dense_macs, dense_params = nets.cost("dense")
     return {**asdict(case), "images_per_s": case.batch / seconds_per_step, "ms_per_step": 1000 * seconds_per_step,
             "ms_per_step_repeats": [1000 * t for t in per_repeat], "steps": steps, "warmup": args.warmup,
             "macs": macs, "params": params, "macs_ratio": macs / dense_macs, "params_ratio": params / dense_params,
-            "host_syncs_per_step": syncs, "threads": torch.get_num_threads() if device.type == "cpu" else None,
+            "host_syncs_per_step": syncs, "cuda_graph_masks_match_eager": exact, **paired, "threads": torch.get_num_threads() if device.type == "cpu" else None,
             "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
             "seconds": time.perf_counter() - started, "finished": now()}
 
@@ -292,7 +336,9 @@ def derive(results: ResultsFile, args: argparse.Namespace) -> dict[str, Any]:
         target = r["net"].split("@")[1]
         entry = {"target": float(target), "search_images_per_s": r["images_per_s"],
                  "dense_train_images_per_s": dense and dense["images_per_s"],
-                 "search_step_over_dense_step": dense and dense["images_per_s"] / r["images_per_s"],
+                 # search throughput / dense training throughput (>= 1: a search step costs no more)
+                 "search_step_over_dense_step": dense and r["images_per_s"] / dense["images_per_s"],
+                 "search_step_over_dense_step_paired": r.get("search_step_over_dense_step_paired"),
                  "search_epoch_seconds": args.train_images / r["images_per_s"]}
         for scores in [*SCORES, "pass_learned"]:
             ft = rows.get(("train", f"{scores}@{target}", r["device"], r["batch"], r["dtype"]))
@@ -323,7 +369,9 @@ def report(results: ResultsFile, args: argparse.Namespace) -> None:
     for e in derived["search"]:
         ft = e.get("search_epoch_in_finetune_epochs_uniform_l1")
         print(f"search @ keep {e['target']}: {e['search_images_per_s']:.0f} img/s"
-              + (f", dense training step is {e['search_step_over_dense_step']:.2f}x the search step's throughput" if e["dense_train_images_per_s"] else "")
+              + (f", {e['search_step_over_dense_step']:.2f}x a dense training step's throughput" if e["dense_train_images_per_s"] else "")
+              + (f" ({e['search_step_over_dense_step_paired']:.2f}x timed in alternation)"
+                 if e.get("search_step_over_dense_step_paired") else "")
               + (f"; one search epoch = {ft:.2f} fine-tune epochs (uniform-L1 net), "
                  f"{args.search_epochs} search epochs = {ft * args.search_epochs:.1f}" if ft else ""))
     for e in derived["inference"]:
@@ -365,7 +413,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.min_channels, args.round_to = (1, 1) if args.smoke else (8, 8)
     if args.results is None:
         args.results = (str(Path(tempfile.mkdtemp(prefix="passray-speed-")) / "speed.json") if args.smoke
-                        else str(REPO / "benchmarks" / "results" / "speed.json"))
+                        else str(REPO / "benchmarks" / "results" / "speed_v2.json"))
     return args
 
 
@@ -375,9 +423,11 @@ def protocol(args: argparse.Namespace) -> dict[str, Any]:
     return {**{k: getattr(args, k) for k in keys}, "weights": args.weights and Path(args.weights).name,
             "timing": "median over repeats of (wall time of `steps` steps between device syncs) / steps, after warm-up; "
                       "synthetic inputs already on the device (no data loading)",
-            "search_step": "passray.network.PrunableNet + PassPruner (pad prompt 4, LSTM hidden 64), allocator on the "
-                           "device each step, backbone frozen but the head, AdamW on hypernet + prompt + head",
-            "train_step": "SGD (Nesterov) on all weights; bf16 autocast and channels_last on CUDA",
+            "search_step": "passray.search.SearchNet: PrunableNet + PassPruner (pad prompt 4, LSTM hidden 64), allocator on "
+                           "the device each step, mask computation as a CUDA graph on a GPU (hypernet.cuda_graph), masks "
+                           "folded into BatchNorm affines, backbone frozen but the head, AdamW on hypernet + prompt + head",
+            "infer_step": "passray.serving.Served: eval, bf16 weights/inputs, channels_last + one CUDA graph per batch on a GPU",
+            "train_step": "SGD (Nesterov; engine.build_optimizer: fused on CUDA) on all weights; bf16 autocast and channels_last on CUDA",
             "pruned_nets": "passray.budget.Allocator masks (min_channels/round_to above) from l1-uniform and "
                            "l2-global scores, physically pruned with groups.prune; random init unless weights given"}
 

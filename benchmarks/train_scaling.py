@@ -1,4 +1,5 @@
-"""Ray Train scaling on this machine: the same PASS search + fine-tune on N CPU workers.
+"""Ray Train scaling on this machine: the same PASS search + fine-tune on N CPU workers, or
+(``--gpus N``) on 1 and N GPU workers.
 
 Every layout (W workers x C CPUs each; torch threads = C) keeps the *global* batch fixed
 (per-worker batch = global / W), so all runs take the same optimisation steps and differ
@@ -10,6 +11,14 @@ also holds worker start-up, so "steady" numbers use the later epochs.
 
     python benchmarks/train_scaling.py            # digits, resnet8, 3 search + 1 fine-tune epochs
     python benchmarks/train_scaling.py --smoke    # seconds: tiny synthetic run, for CI
+
+``--gpus N`` writes rows of part ``ddp`` into ``results/scaling.json`` (shared with
+``tune_scaling.py``): ``--config`` (tune_configs/cifar10_resnet18.yaml) on 1 and N GPU workers
+at one global batch, on a dense backbone trained once; per row the median search and fine-tune
+images/s of the epochs after each stage's first (the pipeline's own step timing), the fit's
+wall seconds and test accuracy. ``--smoke --gpus N`` runs the same on CPU workers.
+
+    python benchmarks/train_scaling.py --gpus 2 --data cifar10-images.tar.gz --global-batch 512
 """
 
 from __future__ import annotations
@@ -25,6 +34,10 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import REPO  # noqa: E402
+from _scaling import RESULTS, add_recipe_flags, config_label, dense_backbone, recipe, results_file, write_summary  # noqa: E402
 
 POLL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
 RESULT = Path(__file__).resolve().parent / "results" / "train_scaling.json"
@@ -66,8 +79,8 @@ def _report_clock(path: Path):
     class ReportClock(UserCallback):
         def after_report(self, run_context, metrics, checkpoint):
             with open(path, "a") as f:
-                f.write(json.dumps({"t": time.time(), "stage": metrics[0].get("stage"),
-                                    "epoch": metrics[0].get("epoch")}) + "\n")
+                f.write(json.dumps({"t": time.time(), "stage": metrics[0].get("stage"), "epoch": metrics[0].get("epoch"),
+                                    "images_per_second": metrics[0].get("images_per_second")}) + "\n")
 
     return ReportClock()
 
@@ -111,18 +124,88 @@ def summarise(layout: str, workers: int, cpus_per_worker: int, global_batch: int
             "repeats": reps}
 
 
+def _steady(epochs: list[dict[str, Any]], stage: str) -> float | None:
+    """Median images/s of a stage's epochs after its first (cuDNN autotuning, worker start-up)."""
+    rates = [e["images_per_second"] for e in epochs if e["stage"] == stage and e.get("images_per_second")]
+    return statistics.median(rates[1:] or rates) if rates else None
+
+
+def ddp_row(base, workers: int, global_batch: int, use_gpu: bool, work: Path) -> dict[str, Any]:
+    """One fresh ``passray.train`` fit of ``base`` on ``workers`` workers at ``global_batch`` images per step."""
+    from passray.train import fit
+
+    cfg = base.derive({"train.num_workers": workers, "train.use_gpu": use_gpu, "data.batch_size": global_batch // workers,
+                       "train.storage_path": str(work / "ray_results"),
+                       "train.name": f"ddp-{workers}-{time.strftime('%Y%m%d-%H%M%S')}"})  # fresh: nothing resumes
+    clock = work / f"clock-{cfg.train.name}.jsonl"
+    start = time.time()
+    metrics, _ = fit(cfg, callbacks=[_report_clock(clock)])
+    wall = time.time() - start
+    epochs = [json.loads(line) for line in clock.read_text().splitlines()]
+    return {"gpus": workers, "global_batch": global_batch, "batch_per_worker": global_batch // workers,
+            "search_images_per_second": _steady(epochs, "search"),
+            "finetune_images_per_second": _steady(epochs, "finetune"), "wall_seconds": round(wall, 2),
+            "test_accuracy": metrics.get("test_accuracy"), "val_accuracy": metrics.get("val_accuracy"),
+            "macs_ratio": metrics.get("macs_ratio"), "epochs": epochs, "config_used": cfg.to_dict()}
+
+
+def ddp_main(args: argparse.Namespace) -> dict[str, Any]:
+    """``--gpus N``: rows of part ``ddp`` (1 and N workers) into the scaling results, skipping those there."""
+    import ray
+
+    from passray.config import load_config, validate
+
+    base = validate(SMOKE) if args.smoke else load_config(args.config, args.set).derive(recipe(args))
+    label = "convnet synthetic (smoke)" if args.smoke else config_label(
+        args.config, {**recipe(args), **dict(s.split("=", 1) for s in args.set)})
+    global_batch = args.global_batch or (16 if args.smoke else base.data.batch_size)
+    path = args.results or (Path(tempfile.mkdtemp(prefix="passray-scaling-")) / "scaling.json" if args.smoke
+                            else RESULTS)
+    results = results_file(path)
+    results.start_invocation()
+    device = results.data["environment"]["device"]
+    todo = [w for w in sorted({1, args.gpus}) if not results.has(("ddp", label, device, w, None, None))]
+    print(f"[train_scaling] {len(todo)} ddp rows to run", flush=True)
+    if todo:
+        work = Path(path).parent / "work" if args.smoke else REPO / "benchmarks" / "results" / "work" / "scaling"
+        work.mkdir(parents=True, exist_ok=True)
+        ray.init(address="local", num_cpus=(args.gpus + 1) if args.smoke else None, include_dashboard=False,
+                 log_to_driver=False)
+        try:
+            if base.pretrain.epochs > 0 and not base.model.weights:
+                backbone, _ = dense_backbone(base.derive({"train.use_gpu": not args.smoke}), work)
+                base = base.derive({"model.weights": str(backbone), "pretrain.epochs": 0})
+            for workers in todo:
+                row = ddp_row(base, workers, global_batch, not args.smoke, work)
+                results.add({"part": "ddp", "config": label, "device": device, **row, "trials_per_gpu": None,
+                             "trials": None, "command": results.data["command"], "smoke": args.smoke})
+                print(f"[train_scaling] {workers} worker(s): search {row['search_images_per_second']} img/s, "
+                      f"fine-tune {row['finetune_images_per_second']} img/s, {row['wall_seconds']:.0f} s", flush=True)
+        finally:
+            ray.shutdown()
+    print(write_summary(results).read_text(), flush=True)
+    return results.data
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--smoke", action="store_true", help="tiny synthetic run (seconds of compute)")
+    parser.add_argument("--gpus", type=int, help="ddp rows: 1 and this many GPU workers (--smoke: CPU workers)")
+    parser.add_argument("--results", help="ddp rows: results JSON [benchmarks/results/scaling.json; --smoke: a temp dir]")
+    add_recipe_flags(parser)
     parser.add_argument("--layouts", default=None,
                         help="comma-separated WORKERSxCPUS_PER_WORKER; the first is the speed-up baseline "
                              "[1xN,2x(N/2) for N cores]")
     parser.add_argument("--repeats", type=int, default=1, help="runs per layout, interleaved (load drifts)")
     parser.add_argument("--global-batch", type=int, default=None,
-                        help="images per step over all workers [128; smoke 16]")
+                        help="images per step over all workers [128; smoke 16; --gpus: the config's data.batch_size]")
     parser.add_argument("--out", default=None, help=f"result JSON [{RESULT}; smoke: a temp file]")
     args = parser.parse_args(argv)
     argv_used = sys.argv[1:] if argv is None else argv
+    if args.gpus:
+        if not (args.smoke or args.data):
+            parser.error("--gpus needs --data (the CIFAR-10 ImageFolder tarball), unless --smoke")
+        return ddp_main(args)
 
     os.environ.setdefault(POLL_ENV, "0.5")  # controller poll; each epoch waits for its commit
     import ray

@@ -112,7 +112,8 @@ def run_row(args, qargs, mode: str, seed: int, weights: Path) -> dict[str, Any]:
     cfg, runtime = mode_setup(cfg, "fresh" if mode == "source" else mode, hypernet, structure, args.prompt_epochs)
     recorder = quality.EpochRecorder()
     export = Path(tempfile.mkdtemp(prefix="export-", dir=args.workdir))
-    runtime.reporter, runtime.wrap, runtime.export_dir = recorder, recorder.wrap, str(export)
+    runtime.reporter, runtime.on_epoch_start, runtime.export_dir = recorder, recorder.epoch_start, str(export)
+    runtime.load_data = cached_datasets.load
     try:
         t0 = time.perf_counter()
         out = run(cfg, runtime)
@@ -171,7 +172,6 @@ def main(argv: list[str] | None = None) -> int:
         finish(results)
         return 0
     results.start_invocation(gpu_settings())
-    cached_datasets.install()
     budget = TimeBudget(args.time_budget, reserve=5.0)
     plan = [(m, s) for s in args.seeds for m in args.modes]
     todo = [(m, s) for m, s in plan if not results.has((m, s, args.target))]

@@ -18,10 +18,14 @@ from passray.config import Config, ConfigError, describe_keys, load_config
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "tune_configs" / "quickstart.yaml"
 
-__all__ = ["DEFAULT_CONFIG", "EXIT_INTERRUPTED", "config_record", "format_table", "load_from_args", "make_parser",
-           "next_free", "refuse_other_config", "run_cli"]
+__all__ = ["DEFAULT_CONFIG", "EXIT_INTERRUPTED", "TABLE_COLUMNS", "config_record", "format_table", "load_from_args",
+           "make_parser", "next_free", "refuse_other_config", "run_cli"]
 
 EXIT_INTERRUPTED = 130  # what a shell reports for a program ended by Ctrl-C (128 + SIGINT)
+# the result table of one pruning run, as passray.prune and passray.train print it
+TABLE_COLUMNS = ["method", "keep_ratio", "macs_ratio", "params_ratio", "speedup_predicted", "speedup_measured",
+                 "dense_val_accuracy", "initial_masked_val_accuracy", "search_val_accuracy", "val_accuracy_before_finetune",
+                 "test_accuracy_before_finetune", "val_accuracy", "test_accuracy", "wall_seconds"]
 
 
 def make_parser(prog: str, description: str) -> argparse.ArgumentParser:

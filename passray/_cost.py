@@ -1,7 +1,8 @@
 """MACs and parameter counts of a network as a function of how many channels each group keeps.
 
 Every conv/linear/norm dimension is affine in the per-group kept counts k (a dimension
-loses ``r`` entries per removed group channel, ``r`` > 1 after a flatten), so each cost is
+loses ``r`` entries per removed group unit: ``r`` > 1 after a flatten, or when grouped convs
+tie G channels into one unit), so each cost is
 ``sum_l a_l*out_l*in_l + b_l*out_l + c_l*in_l + d_l``. Evaluating it for many candidate k
 at once is a few matrix products, which is what lets the allocator test every threshold
 in one shot on the GPU without a host sync.
@@ -10,11 +11,12 @@ in one shot on the GPU without a host sync.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch
 import torch.nn as nn
 
-__all__ = ["CostModel", "LayerShape", "trace_layer_shapes"]
+__all__ = ["CostModel", "LayerShape", "trace_layer_shapes", "traced_forward"]
 
 _LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
@@ -29,19 +31,13 @@ class LayerShape:
     spatial: int  # output positions per sample (H*W for a conv, tokens for a linear)
 
 
-def trace_layer_shapes(model: nn.Module, example_input: torch.Tensor) -> dict[str, LayerShape]:
-    """Output positions per sample of every conv/linear layer, from one forward pass."""
-    shapes: dict[str, LayerShape] = {}
-    handles = []
-    batch = example_input.shape[0]
-    for name, module in model.named_modules():
-        if isinstance(module, _LAYERS):
-            def hook(mod, args, out, name=name):
-                channels = out.shape[-1] if isinstance(mod, nn.Linear) else out.shape[1]
-                shapes[name] = LayerShape(spatial=out.numel() // (batch * channels))
-            handles.append(module.register_forward_hook(hook))
+def traced_forward(model: nn.Module, example_input: torch.Tensor,
+                   hooks: dict[str, Callable[[nn.Module, tuple, Any], None]]) -> None:
+    """One eval-mode, no-grad forward pass with a forward hook on each named module; the hooks are
+    removed and the training mode restored afterwards (a train-mode pass would move BN statistics)."""
+    handles = [model.get_submodule(name).register_forward_hook(hook) for name, hook in hooks.items()]
     was_training = model.training
-    model.eval()  # a train-mode pass would move BN running statistics
+    model.eval()
     try:
         with torch.no_grad():
             model(example_input)
@@ -49,6 +45,20 @@ def trace_layer_shapes(model: nn.Module, example_input: torch.Tensor) -> dict[st
         model.train(was_training)
         for h in handles:
             h.remove()
+
+
+def trace_layer_shapes(model: nn.Module, example_input: torch.Tensor) -> dict[str, LayerShape]:
+    """Output positions per sample of every conv/linear layer, from one forward pass (in execution order)."""
+    shapes: dict[str, LayerShape] = {}
+    batch = example_input.shape[0]
+
+    def record(name: str) -> Callable[[nn.Module, tuple, Any], None]:
+        def hook(mod: nn.Module, args: tuple, out: torch.Tensor) -> None:
+            channels = out.shape[-1] if isinstance(mod, nn.Linear) else out.shape[1]
+            shapes[name] = LayerShape(spatial=out.numel() // (batch * channels))
+        return hook
+
+    traced_forward(model, example_input, {n: record(n) for n, m in model.named_modules() if isinstance(m, _LAYERS)})
     return shapes
 
 
@@ -66,11 +76,14 @@ class CostModel:
     """Exact conv/linear MACs and parameter counts under per-group kept counts."""
 
     def __init__(self, out_size: torch.Tensor, in_size: torch.Tensor, a_out: torch.Tensor, a_in: torch.Tensor,
-                 widths: torch.Tensor, terms: dict[str, torch.Tensor]) -> None:
+                 widths: torch.Tensor, terms: dict[str, torch.Tensor],
+                 unit_channels: torch.Tensor | None = None) -> None:
         self.out_size, self.in_size = out_size, in_size  # [M]
-        self.a_out, self.a_in = a_out, a_in  # [G, M]: entries removed per removed group channel
-        self.widths = widths  # [G]
+        self.a_out, self.a_in = a_out, a_in  # [G, M]: entries removed per removed group unit
+        self.widths = widths  # [G] units per group
         self.terms = terms  # kind -> [4, M] coefficients (bilinear, out, in, const)
+        # [G] channels per unit (None: one each); min_channels and round_to count channels, not units
+        self.unit_channels = torch.ones_like(widths) if unit_channels is None else unit_channels
 
     @classmethod
     def build(cls, model: nn.Module, shapes: dict[str, LayerShape], groups) -> "CostModel":
@@ -95,7 +108,9 @@ class CostModel:
             i, module = index[name], model.get_submodule(name)
             out_size[i], in_size[i] = _dims(module)
             cls._add_terms(module, name, i, shapes, terms, controlled_out)
-        return cls(out_size, in_size, a_out, a_in, torch.tensor([g.width for g in groups], dtype=torch.float64), terms)
+        widths = torch.tensor([g.width for g in groups], dtype=torch.float64)
+        return cls(out_size, in_size, a_out, a_in, widths, terms,
+                   torch.tensor([g.unit_channels for g in groups], dtype=torch.float64))
 
     @staticmethod
     def _add_terms(module: nn.Module, name: str, i: int, shapes: dict[str, LayerShape],
@@ -120,7 +135,7 @@ class CostModel:
     def to(self, device: torch.device | str) -> "CostModel":
         move = lambda t: t.to(device)  # noqa: E731
         return CostModel(move(self.out_size), move(self.in_size), move(self.a_out), move(self.a_in),
-                         move(self.widths), {k: move(v) for k, v in self.terms.items()})
+                         move(self.widths), {k: move(v) for k, v in self.terms.items()}, move(self.unit_channels))
 
     def cost(self, kept: torch.Tensor, kind: str = "macs") -> torch.Tensor:
         """Cost for each row of ``kept`` ([N, G] channels kept per group) -> [N]."""
@@ -145,6 +160,16 @@ class CostModel:
     def dense(self, kind: str = "macs") -> float:
         return float(self.cost(self.widths[None], kind)[0])
 
-    def minimum(self, kind: str, min_channels: int) -> float:
-        floor = torch.clamp(self.widths, max=float(min_channels))
-        return float(self.cost(floor[None], kind)[0])
+    def unit_steps(self, round_to: int) -> torch.Tensor:
+        """[G]: the fewest units whose channels are a multiple of ``round_to`` (kept counts move in these steps)."""
+        units = self.unit_channels.long()
+        return (round_to // torch.gcd(units, torch.full_like(units, round_to))).to(self.widths.dtype)
+
+    def floor(self, min_channels: int, round_to: int = 1) -> torch.Tensor:
+        """[G]: the fewest units a group may keep: ``min_channels`` channels rounded up to a step, at most all."""
+        step = self.unit_steps(round_to)
+        units = torch.ceil(min_channels / self.unit_channels)
+        return torch.minimum(torch.ceil(units / step) * step, self.widths)
+
+    def minimum(self, kind: str, min_channels: int, round_to: int = 1) -> float:
+        return float(self.cost(self.floor(min_channels, round_to)[None], kind)[0])

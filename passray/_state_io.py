@@ -1,5 +1,5 @@
 """Save/load nested training state (model and optimizer state dicts, metadata) without pickle,
-and the file-level safety every writer shares: a file is whole or absent, and a destination is
+and the file-level safety every writer shares: a file or directory is whole or absent, and a destination is
 known to be writable before hours of compute are spent on what goes there.
 
 Tensors go to one ``state.safetensors`` under flattened keys; everything else (numbers,
@@ -11,13 +11,16 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shutil
+import tempfile
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save
 
-__all__ = ["check_writable", "load_state", "save_state", "write_atomically"]
+__all__ = ["atomic_directory", "check_writable", "load_state", "load_tensors", "save_state", "write_atomically"]
 
 _SEP = "/"
 
@@ -48,10 +51,11 @@ def write_atomically(path: str | Path, data: bytes | str) -> Path:
     writer's own (concurrent writers never share a temporary file), then renamed over it.
 
     A full disk (or any write error) removes the partial file and raises an ``OSError`` that
-    names ``path``, not the temporary name."""
+    names ``path``, not the temporary name. The parent folder is created if missing."""
     path = Path(path)
     partial = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.partial")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         with open(partial, "xb") as f:
             f.write(data.encode() if isinstance(data, str) else data)
         os.replace(partial, path)
@@ -94,3 +98,34 @@ def load_state(directory: str | Path) -> dict[str, Any]:
     directory = Path(directory)
     skeleton = json.loads((directory / "state.json").read_text())
     return _join(skeleton, load_file(str(directory / "state.safetensors")))
+
+
+class atomic_directory:
+    """``with atomic_directory(path) as tmp:`` write into tmp; it becomes ``path`` only on success."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    def __enter__(self) -> Path:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.", dir=self.path.parent))
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            return
+        if self.path.exists():
+            shutil.rmtree(self.path)
+        os.replace(self.tmp, self.path)
+
+
+def load_tensors(module: torch.nn.Module, tensors: dict[str, torch.Tensor], strict: bool = True) -> None:
+    """``module.load_state_dict(tensors, strict)`` with the module's own state-dict metadata.
+
+    safetensors keeps tensors only, and some loaders need the per-module ``version`` that
+    ``state_dict()`` carries beside them (torchvision's MNASNet refuses a state dict without it).
+    """
+    state = OrderedDict(tensors)
+    state._metadata = module.state_dict()._metadata  # type: ignore[attr-defined]
+    module.load_state_dict(state, strict=strict)

@@ -154,7 +154,9 @@ def results_table(rows: list[dict[str, Any]], keys: list[str], dense: dict[str, 
 def pareto_figure(rows: list[dict[str, Any]], front: list[dict[str, Any]], dense: dict[str, Any] | None, title: str):
     """Val accuracy against MACs kept, both in percent: every finished trial labelled with its id,
     the front as a line under rings (the dots stay visible), the dense network as a dashed line."""
-    from matplotlib.figure import Figure  # no pyplot: no global figure state, no GUI backend
+    from matplotlib.figure import (
+        Figure,  # no pyplot: no global figure state, no GUI backend
+    )
 
     fig = Figure(figsize=(6.4, 4.4))
     ax = fig.subplots()

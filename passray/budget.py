@@ -6,6 +6,10 @@ ranks all channels of all groups together and keeps those above one threshold;
 threshold is evaluated at once against the exact cost model and the largest network
 within the budget wins, so there is no iterative bisection and no host sync: the
 allocator can run inside a training step on the GPU.
+
+Scores and masks have one entry per *unit*: a channel, or the G channels that grouped
+convolutions tie together (``groups.ChannelGroup``); ``min_channels`` and ``round_to``
+still count channels.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ _UNIFORM_STEPS = 2048
 @dataclass
 class Allocation:
     masks: list[torch.Tensor]  # hard 0/1 per group
-    kept: torch.Tensor  # [G] channels kept per group
+    kept: torch.Tensor  # [G] units kept per group
     thresholds: torch.Tensor  # [G] score between the last kept and first dropped channel
     ratio: torch.Tensor  # achieved cost / dense cost (0-dim tensor, no sync)
 
@@ -40,9 +44,8 @@ class Allocator:
         widths = self.cost.widths.long()
         self.widths = widths
         self._width_list = [int(w) for w in widths.tolist()]
-        step = budget.round_to
-        floor = -(-budget.min_channels // step) * step  # min_channels rounded up to round_to
-        self.floor = torch.clamp(widths, max=floor).to(torch.float64)
+        self.step = self.cost.unit_steps(budget.round_to)  # [G] units (a unit of a grouped conv is G channels)
+        self.floor = self.cost.floor(budget.min_channels, budget.round_to)
         self.dense = self.cost.dense(budget.kind)
         self.target = budget.keep_ratio * self.dense
         smallest = float(self.cost.cost(self.floor[None], budget.kind)[0])
@@ -74,10 +77,8 @@ class Allocator:
         return flat.view(self.valid.shape)
 
     def _round(self, counts: torch.Tensor) -> torch.Tensor:
-        """Round up to ``round_to``, then clamp to [min_channels, width]; counts are [N, G]."""
-        step = self.budget.round_to
-        if step > 1:
-            counts = torch.ceil(counts / step) * step
+        """Round up to ``round_to`` channels, then clamp to [min_channels, width]; counts are [N, G] units."""
+        counts = torch.ceil(counts / self.step) * self.step
         return torch.minimum(torch.maximum(counts, self.floor), self.widths.to(counts.dtype))
 
     def _global_candidates(self, padded: torch.Tensor) -> torch.Tensor:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 __all__ = [
     "BudgetConfig",
@@ -97,6 +97,7 @@ class HypernetConfig(_Section):
     estimator: Literal["dropped", "straight_through"] = Field("dropped", description="gradient of a channel's score: dropped = the loss's sensitivity to adding the channel back, taken while it is dropped (its worth given the rest); straight_through = at the hard mask, kept channels too (there it is biased: shrinking any channel's output lowers a miscalibrated loss)")
     project_budget: bool = Field(True, description="remove from the mask gradient its component that would change the budget (the allocator undoes it anyway), leaving the exchange of channels at equal cost")
     warmup_epochs: int = Field(0, ge=0, description="first search epochs train only head and prompt under the prior's masks (a new head starts random; its gradients would mislead the hypernet)")
+    cuda_graph: bool = Field(True, description="on one GPU, capture the mask computation (hypernet, allocator, straight-through masks) as a CUDA graph: the same masks from two graph launches a step instead of hundreds of kernels")
 
 
 class OptimConfig(_Section):
@@ -130,11 +131,24 @@ class TrainConfig(_Section):
     num_workers: int = Field(0, ge=0, description="Ray Train workers; 0 runs the engine in-process (no DDP)")
     use_gpu: bool = Field(False, description="one GPU per worker, NCCL; CPU workers use gloo")
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs Ray reserves for each worker")
+    gpus_per_worker: float | None = Field(None, gt=0, le=1, description="with use_gpu: the GPU share each process running the engine reserves (a Ray Train worker, or a tune trial with num_workers 0); 0.25 packs four trials on one GPU, which pays when one trial leaves the GPU idle; None: a whole GPU")
     storage_path: str = Field("ray_results", description="Ray storage (local dir, NFS or s3://); shared by all nodes on a cluster")
     name: str | None = Field(None, description="run name; re-running the same (storage_path, name) resumes")
     max_failures: int = Field(0, ge=-1, description="worker-group restarts from the last checkpoint (-1: unlimited)")
     checkpoints_to_keep: int = Field(2, ge=1, description="newest checkpoints kept on storage")
     fail_at_step: int | None = Field(None, ge=0, description="fault injection: the worker dies once at this global step (tests, demos)")
+
+    @field_validator("gpus_per_worker")
+    @classmethod
+    def _gpu_share_usable(cls, value: float | None, info: ValidationInfo) -> float | None:
+        """A share needs GPUs at all, and NCCL refuses two ranks of one job on one GPU (Ray may pack them so)."""
+        if value is None:
+            return value
+        if not info.data.get("use_gpu"):
+            raise ValueError("needs train.use_gpu: true")
+        if value < 1 and info.data.get("num_workers", 0) > 1:
+            raise ValueError("a GPU share below 1 needs train.num_workers <= 1: NCCL refuses two ranks on one GPU")
+        return value
 
 
 class TuneConfig(_Section):
@@ -153,6 +167,11 @@ class TrackingConfig(_Section):
     uri: str | None = Field(None, description="MLflow tracking URI; None: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db")
     experiment: str = Field("passray", description="MLflow experiment name")
     register_best: bool = Field(True, description="register the best hypernet and structure in the model registry")
+
+
+# What ``method`` accepts: PASS and the baselines ``passray.importance`` registers (it adds any
+# criterion registered later, so a config never has to import Torch-Pruning to be validated).
+METHODS: list[str] = ["pass", "l1", "l2", "taylor", "random", "bn_scale"]
 
 
 class Config(_Section):
@@ -179,11 +198,8 @@ class Config(_Section):
     @field_validator("method")
     @classmethod
     def _known_method(cls, value: str) -> str:
-        from passray.importance import available_importances  # late: importance imports torch
-
-        known = ["pass", *available_importances()]
-        if value not in known:
-            raise ValueError(f"unknown method {value!r}; choose one of {', '.join(known)}")
+        if value not in METHODS:
+            raise ValueError(f"unknown method {value!r}; choose one of {', '.join(METHODS)}")
         return value
 
     def to_dict(self) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""Physical pruning, the masked == pruned check, and save/load of pruned networks.
+"""Save and load pruned networks (safetensors + JSON), and their ONNX form for serving.
 
 On disk a pruned network is ``structure.json`` (backbone id, input size, prompt, every
 group's kept channel indices, costs, Torch-Pruning's ``pruning_history``) plus
@@ -16,21 +16,19 @@ import argparse
 import json
 import logging
 import os
-import shutil
-import tempfile
 import warnings
-from collections import OrderedDict
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from passray._cli import run_cli
+from passray._state_io import atomic_directory, load_tensors
 from passray.config import ModelConfig
-from passray.groups import ChannelGroups, count_macs_params
-from passray.hypernet import PassHypernet, save_hypernet
-from passray.models import backbone_id, classifier, create_backbone
+from passray.equivalence import check_equivalence, exact_fp32
+from passray.groups import ChannelGroups, build_groups, count_macs_params
+from passray.models import backbone_id, create_backbone
 from passray.network import PrunableNet
 from passray.prompts import VisualPrompt
 from passray.search_plot import plot_search
@@ -44,59 +42,6 @@ ONNX_FILE = "model.onnx"  # to_onnx's default name inside an export directory
 ONNX_OPSET = 17  # ONNX Runtime >= 1.12 runs it; a pruned CNN needs no newer operator
 ONNX_OPSETS = range(7, 21)  # the TorchScript exporter writes up to 20; ONNX Runtime runs 7 and above
 _log = logging.getLogger(__name__)
-
-
-def build_groups(backbone: torch.nn.Module, image_size: int) -> ChannelGroups:
-    """Channel groups of a backbone, leaving its classifier (the classes) alone."""
-    example = torch.zeros(1, 3, image_size, image_size, device=next(backbone.parameters()).device)
-    return ChannelGroups(backbone, example, ignored_layers=[classifier(backbone)])
-
-
-class atomic_directory:
-    """``with atomic_directory(path) as tmp:`` write into tmp; it becomes ``path`` only on success."""
-
-    def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
-
-    def __enter__(self) -> Path:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.", dir=self.path.parent))
-        return self.tmp
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            return
-        if self.path.exists():
-            shutil.rmtree(self.path)
-        os.replace(self.tmp, self.path)
-
-
-class exact_fp32:
-    """TF32 off inside (cuDNN/cuBLAS use it by default on Ampere+), so fp32 means fp32."""
-
-    def __enter__(self) -> None:
-        self.saved = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
-        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-
-    def __exit__(self, *exc) -> None:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = self.saved
-
-
-@torch.no_grad()
-def check_equivalence(masked: torch.Tensor, pruned: torch.Tensor, tolerance: float = 1e-4,
-                      labels: tuple[str, str] = ("masked", "pruned")) -> float:
-    """Max abs difference between masked and pruned outputs (or any reference and candidate, named by ``labels``);
-    raises if above ``tolerance`` (times the reference's scale, at least 1) or not finite."""
-    reference, candidate = labels
-    if not (torch.isfinite(masked).all() and torch.isfinite(pruned).all()):
-        raise RuntimeError(f"{reference} or {candidate} network outputs are not finite (NaN/inf): the run diverged")
-    diff = float((masked.float() - pruned.float()).abs().max())
-    scale = float(masked.float().abs().max().clamp(min=1.0))
-    if diff > tolerance * scale:
-        raise RuntimeError(f"{candidate} network differs from the {reference} one: max |diff| {diff:.3e} > "
-                           f"{tolerance} x {scale:.3g}")
-    return diff
 
 
 def structure_record(groups: ChannelGroups, masks: Sequence[torch.Tensor], model_cfg: ModelConfig,
@@ -116,14 +61,17 @@ def structure_record(groups: ChannelGroups, masks: Sequence[torch.Tensor], model
 
 
 def save_pruned(directory: str | Path, net: PrunableNet, structure: dict[str, Any],
-                hypernet: PassHypernet | None = None, hypernet_extra: dict[str, Any] | None = None) -> Path:
-    """Write ``structure.json`` + ``weights.safetensors`` (+ ``hypernet/``) for a pruned ``net``, all or nothing."""
+                write_extra: Callable[[Path], None] | None = None) -> Path:
+    """Write ``structure.json`` + ``weights.safetensors`` for a pruned ``net``, all or nothing.
+
+    ``write_extra(tmp)`` adds files inside the same atomic directory (PASS writes its ``hypernet/``).
+    """
     state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
     with atomic_directory(directory) as tmp:
         save_file(state, str(tmp / "weights.safetensors"))
         (tmp / "structure.json").write_text(json.dumps(structure, indent=1))
-        if hypernet is not None:
-            save_hypernet(hypernet, tmp / "hypernet", hypernet_extra)
+        if write_extra is not None:
+            write_extra(tmp)
         plot_search(structure, tmp / "search.png")
     return Path(directory)
 
@@ -159,17 +107,6 @@ def masks_from_structure(structure: dict[str, Any], groups: ChannelGroups, sourc
             raise ValueError(f"{source}: group {g['name']!r} has invalid kept indices")
         masks.append(mask.index_fill_(0, kept, 1.0))
     return masks
-
-
-def load_tensors(module: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:
-    """``module.load_state_dict(tensors, strict=True)`` with the module's own state-dict metadata.
-
-    safetensors keeps tensors only, and some loaders need the per-module ``version`` that
-    ``state_dict()`` carries beside them (torchvision's MNASNet refuses a state dict without it).
-    """
-    state = OrderedDict(tensors)
-    state._metadata = module.state_dict()._metadata  # type: ignore[attr-defined]
-    module.load_state_dict(state, strict=True)
 
 
 def load_pruned(directory: str | Path, expect_backbone: str | None = None) -> tuple[PrunableNet, dict[str, Any]]:

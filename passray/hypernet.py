@@ -56,9 +56,10 @@ CHANNEL_FEATURES = tuple(f"{s}_in_group" for s in STATISTICS) + ("l1_rank", "pri
 
 
 def _per_channel(groups: ChannelGroups, group) -> torch.Tensor:
-    """[len(STATISTICS), width]: kernel statistics of the group's out-channels, averaged over its layers."""
-    sums = torch.zeros(len(STATISTICS), group.width)
-    counts = torch.zeros(2, group.width)
+    """[len(STATISTICS), width]: kernel statistics of the group's out-channels, averaged over its layers
+    (and over the channels of a unit, where grouped convs tie them: masks and scores are per unit)."""
+    sums = torch.zeros(len(STATISTICS), group.channels)
+    counts = torch.zeros(2, group.channels)
     for module, idxs, root in groups.root_weights(group):
         weight = getattr(module, "weight", None)
         if weight is None or idxs.max() >= weight.shape[0]:
@@ -77,7 +78,7 @@ def _per_channel(groups: ChannelGroups, group) -> torch.Tensor:
             counts[1].index_add_(0, root, torch.ones(len(root)))
     sums[:4] /= counts[0].clamp(min=1)
     sums[4:] /= counts[1].clamp(min=1)
-    return sums
+    return group.to_units(sums)
 
 
 def standardised(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
@@ -219,7 +220,7 @@ class _MaskGradient(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, z: torch.Tensor, tau: torch.Tensor, hard: torch.Tensor, cost: torch.Tensor | None,
-                temperature: float, dropped_only: bool) -> torch.Tensor:
+                temperature: torch.Tensor, dropped_only: bool) -> torch.Tensor:
         soft = torch.sigmoid((z - tau) / temperature)
         ctx.save_for_backward(soft * (1 - soft) / temperature, cost, hard)
         ctx.dropped_only = dropped_only
@@ -242,21 +243,28 @@ class PassPruner(nn.Module):
 
     ``priors`` default to per-group z-scored L1 magnitudes; ``sample`` draws training masks from the
     noisy scores (see the module docstring). Noise is seeded by step, so DDP ranks agree.
+
+    ``cuda_graph``: on one GPU, the whole differentiable mask computation (hypernet, allocator,
+    straight-through masks; forward and backward) is captured once as a CUDA graph and replayed
+    every step. It is the same computation, launched as two graphs instead of hundreds of tiny
+    kernels that left the GPU waiting on the host. Temperature and noise are inputs of the graph.
     """
 
     def __init__(self, hypernet: PassHypernet, groups: ChannelGroups, allocator: Allocator,
                  priors: Sequence[torch.Tensor] | None = None, temperature: float = 0.2, sample: bool = False,
-                 seed: int = 0, project: bool = True, estimator: str = "dropped") -> None:
+                 seed: int = 0, project: bool = True, estimator: str = "dropped", cuda_graph: bool = False) -> None:
         super().__init__()
         self.hypernet = hypernet
         self.allocator = allocator
         self.widths = groups.widths
-        self.temperature = temperature
+        self.register_buffer("temperature_t", torch.tensor(float(temperature)), persistent=False)
         self.sample = sample
         self.project = project
         self.estimator = estimator
+        self.cuda_graph = cuda_graph
         self.seed, self.step = seed, 0
         self._generator: torch.Generator | None = None
+        self._graphed: Any = None  # the captured mask computation and its static noise input
         stats = group_statistics(groups, hypernet.spec["stats_length"])
         if stats.shape[1] != hypernet.spec["stats_dim"]:
             raise ValueError(f"hypernet expects {hypernet.spec['stats_dim']} statistics per group, got {stats.shape[1]} "
@@ -268,39 +276,97 @@ class PassPruner(nn.Module):
         self.register_buffer("group_index", index, persistent=False)
         self.last: Allocation | None = None
 
+    @property
+    def temperature(self) -> float:
+        return float(self.temperature_t)
+
+    @temperature.setter
+    def temperature(self, value: float) -> None:
+        self.temperature_t.fill_(value)  # in place: a captured graph reads this tensor
+
     def scores(self, prompt: torch.Tensor | None) -> torch.Tensor:
         """[N] scores in fp32 even under autocast: bf16 scores would tie and reorder channels."""
         with torch.autocast(self.stats.device.type, enabled=False):
             return self.hypernet(self.stats, self.features, self.group_index, None if prompt is None else prompt.float())
 
-    def _noise(self, like: torch.Tensor) -> torch.Tensor:
-        if self._generator is None or self._generator.device != like.device:
-            self._generator = torch.Generator(device=like.device)
+    def _noise(self) -> torch.Tensor:
+        """Logistic(0, T) noise for this step's scores, seeded by (seed, step)."""
+        device = self.stats.device
+        if self._generator is None or self._generator.device != device:
+            self._generator = torch.Generator(device=device)
         self._generator.manual_seed(self.seed * 1_000_003 + self.step)
-        u = torch.rand(like.shape, generator=self._generator, device=like.device).clamp_(1e-6, 1 - 1e-6)
-        return (u.log() - (-u).log1p()) * self.temperature  # logistic(0, T)
+        self.step += 1
+        u = torch.rand(self.group_index.shape, generator=self._generator, device=device).clamp_(1e-6, 1 - 1e-6)
+        return (u.log() - (-u).log1p()) * self.temperature_t
 
     def forward(self, prompt: torch.Tensor | None) -> list[torch.Tensor]:
-        return self._masks(self.scores(prompt))
+        noise = self._noise() if self.sample and self.training else None
+        if self._graphable(prompt):
+            out = self._replay(prompt, noise)
+        else:
+            out = self._flat_masks(self.scores(prompt), noise)
+        return self._record(*out)
 
     def _masks(self, z: torch.Tensor) -> list[torch.Tensor]:
-        if self.sample and self.training:
-            z = z + self._noise(z)
-            self.step += 1
+        """Deterministic straight-through masks from given scores (no sampling)."""
+        return self._record(*self._flat_masks(z, None))
+
+    def _flat_masks(self, z: torch.Tensor, noise: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+        """(straight-through masks, hard masks, kept, thresholds, ratio), masks flat over all groups."""
+        if noise is not None:
+            z = z + noise
         allocation = self.allocator(list(z.split(self.widths)))
-        self.last = allocation
         tau = allocation.thresholds.to(z.dtype).index_select(0, self.group_index)
         cost = None
         if self.project:
             cost = self.allocator.cost.marginal(allocation.kept, self.allocator.budget.kind)
             cost = (cost / cost.mean().clamp(min=1e-30)).to(z.dtype).index_select(0, self.group_index)
-        masks = _MaskGradient.apply(z, tau, torch.cat(allocation.masks), cost, self.temperature,
-                                    self.estimator == "dropped")
+        hard = torch.cat(allocation.masks)
+        masks = _MaskGradient.apply(z, tau, hard, cost, self.temperature_t, self.estimator == "dropped")
+        return masks, hard, allocation.kept, allocation.thresholds, allocation.ratio
+
+    def _record(self, masks: torch.Tensor, hard: torch.Tensor, kept: torch.Tensor, thresholds: torch.Tensor,
+                ratio: torch.Tensor) -> list[torch.Tensor]:
+        self.last = Allocation(list(hard.split(self.widths)), kept, thresholds, ratio)
         return list(masks.split(self.widths))
 
     @torch.no_grad()
     def hard_masks(self, prompt: torch.Tensor | None) -> Allocation:
         return self.allocator(list(self.scores(prompt).split(self.widths)))
+
+    # ------------------------------------------------------------------ CUDA graph
+    def _graphable(self, prompt: torch.Tensor | None) -> bool:
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        return (self.cuda_graph and self.training and prompt is not None and prompt.is_cuda
+                and torch.is_grad_enabled() and not distributed)
+
+    def _replay(self, prompt: torch.Tensor, noise: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+        if self._graphed is None:
+            static_noise = torch.zeros(self.group_index.shape, device=prompt.device)
+            sample = (prompt.detach().requires_grad_(prompt.requires_grad), static_noise)
+            # Scores are fp32 under autocast anyway; capture refuses autocast's weight cache. Warm-up and
+            # capture advance nothing (no noise step, no parameter update, no gradient accumulated).
+            with torch.autocast("cuda", enabled=False):
+                graphed = torch.cuda.make_graphed_callables(_GraphedMasks(self), sample, allow_unused_input=True)
+            self._graphed = (graphed, static_noise)
+        graphed, static_noise = self._graphed
+        if noise is None:
+            static_noise.zero_()
+        else:
+            static_noise.copy_(noise)
+        return graphed(prompt, static_noise)
+
+
+class _GraphedMasks(nn.Module):
+    """The pruner's differentiable mask computation as one module (its parameters: the hypernet's)."""
+
+    def __init__(self, pruner: PassPruner) -> None:
+        super().__init__()
+        self.hypernet = pruner.hypernet
+        object.__setattr__(self, "pruner", pruner)  # not a submodule: the graph's parameters are the hypernet's
+
+    def forward(self, prompt: torch.Tensor, noise: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return self.pruner._flat_masks(self.pruner.scores(prompt), noise)
 
 
 def create_pass_pruner(groups: ChannelGroups, cfg: HypernetConfig, allocator: Allocator, use_prompt: bool,
@@ -313,7 +379,7 @@ def create_pass_pruner(groups: ChannelGroups, cfg: HypernetConfig, allocator: Al
     if priors is None and cfg.prior != "l1":  # a Taylor prior needs data: the caller passes ``global_priors``
         priors = [torch.zeros(w) for w in groups.widths]
     return PassPruner(hypernet, groups, allocator, priors, cfg.temperature, cfg.sample, seed, cfg.project_budget,
-                      cfg.estimator)
+                      cfg.estimator, cfg.cuda_graph)
 
 
 def save_hypernet(hypernet: PassHypernet, directory: str | Path, extra: dict[str, Any] | None = None) -> Path:

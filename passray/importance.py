@@ -4,6 +4,8 @@ Each baseline only produces scores; the masks come from the same allocator PASS 
 (``budget.Allocator``), so a comparison changes exactly one thing: the scores.
 TP's default ``normalizer="mean"`` divides each group by its mean so that a global
 threshold compares groups on one scale (TP's own global pruning does the same).
+Where grouped convolutions tie channels into units, a unit scores the mean of its
+channels' scores (as TP's own pruner does for ``groups > 1``).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import torch.nn.functional as F
 import torch_pruning as tp
 
 from passray._registry import Registry
+from passray.config import METHODS
 from passray.groups import ChannelGroups
 
 __all__ = ["Criterion", "available_importances", "compute_scores", "register_importance"]
@@ -32,7 +35,11 @@ _REGISTRY: Registry[Criterion] = Registry("method")
 
 
 def register_importance(name: str, criterion: Criterion) -> Criterion:
-    return _REGISTRY.register(name)(criterion)
+    """Make ``name`` a baseline ``method`` (configs accept it from now on)."""
+    _REGISTRY.register(name)(criterion)
+    if name not in METHODS:
+        METHODS.append(name)
+    return criterion
 
 
 register_importance("l1", Criterion(lambda: tp.importance.GroupMagnitudeImportance(p=1)))
@@ -57,7 +64,7 @@ def _accumulate_gradients(model: nn.Module, batches: Iterable, max_batches: int)
 
 def compute_scores(method: str, groups: ChannelGroups, model: nn.Module | None = None,
                    batches: Iterable | None = None, max_batches: int = 8, seed: int = 0) -> list[torch.Tensor]:
-    """Scores for every channel of every group (``[width]`` per group, on CPU).
+    """Scores for every unit of every group (``[width]`` per group, on CPU).
 
     ``model``/``batches`` are needed for gradient-based criteria; ``model`` is whatever
     maps the batches to logits (e.g. prompt + backbone) and must contain the groups' modules.
@@ -76,7 +83,7 @@ def compute_scores(method: str, groups: ChannelGroups, model: nn.Module | None =
             score = importance(group.tp_group)
             if score is None:  # TP returns None for groups it has nothing to measure on
                 score = torch.ones(group.width)
-            scores.append(torch.nan_to_num(score.detach().float().cpu(), nan=0.0))
+            scores.append(group.to_units(torch.nan_to_num(score.detach().float().cpu(), nan=0.0)))
     finally:
         torch.random.set_rng_state(generator_state)
         if criterion.needs_gradients:

@@ -29,6 +29,7 @@ import torch
 import torch.nn as nn
 
 from passray._cost import CostModel
+from passray._state_io import write_atomically
 
 __all__ = ["SCHEMA", "LatencyCostModel", "LatencyTable", "LayerTable", "attach", "cache_path", "example_batch",
            "measure_speedup", "prepared_copy", "table_key", "time_ms"]
@@ -100,12 +101,7 @@ class LatencyTable:
 
     def save(self, path: str | Path) -> Path:
         """Write JSON atomically (a concurrent reader never sees half a file)."""
-        path = Path(path).expanduser()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=1))
-        tmp.replace(path)
-        return path
+        return write_atomically(Path(path).expanduser(), json.dumps(self.to_dict(), indent=1))
 
     @classmethod
     def load(cls, path: str | Path) -> "LatencyTable":

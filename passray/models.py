@@ -22,11 +22,12 @@ from safetensors.torch import load_file
 from torch import nn
 
 from passray._registry import Registry
+from passray._state_io import load_tensors
 from passray.config import ModelConfig
 
 __all__ = [
     "available_backbones", "backbone_id", "classifier", "convnet", "create_backbone",
-    "load_weights", "register_backbone", "replace_classifier", "resnet8",
+    "load_weights", "register_backbone", "replace_classifier", "resnet8", "resnext8",
 ]
 
 _REGISTRY: Registry[Callable[..., nn.Module]] = Registry("backbone")
@@ -110,6 +111,41 @@ def resnet8(num_classes: int, width: float = 1.0) -> nn.Module:
         _conv_bn_relu(3, w[0]), BasicBlock(w[0], w[0]), BasicBlock(w[0], w[1], 2), BasicBlock(w[1], w[2], 2),
     )
     return _SmallNet(features, w[2], num_classes)
+
+
+class GroupedBottleneck(nn.Module):
+    """ResNeXt block: 1x1 reduce, 3x3 grouped conv (``cardinality`` conv groups), 1x1 expand, shortcut.
+    Its two inner channel groups are pruned in tied units (see ``groups``)."""
+
+    def __init__(self, cin: int, mid: int, cout: int, cardinality: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1, self.bn1, self.relu1 = nn.Conv2d(cin, mid, 1, bias=False), nn.BatchNorm2d(mid), nn.ReLU()
+        self.conv2 = nn.Conv2d(mid, mid, 3, stride, 1, groups=cardinality, bias=False)
+        self.bn2, self.relu2 = nn.BatchNorm2d(mid), nn.ReLU()
+        self.conv3, self.bn3, self.relu3 = nn.Conv2d(mid, cout, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU()
+        self.shortcut = nn.Sequential()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.relu2(self.bn2(self.conv2(self.relu1(self.bn1(self.conv1(x))))))
+        return self.relu3(self.bn3(self.conv3(out)) + self.shortcut(x))
+
+
+@register_backbone("resnext8")
+def resnext8(num_classes: int, width: float = 1.0) -> nn.Module:
+    """CIFAR ResNeXt-8: resnet8's layout with one grouped bottleneck per stage (cardinality 4,
+    group widths 8/16/32 x width, outputs 32/64/128 x width): a small grouped-conv backbone.
+
+    Built for 32x32 inputs; ``cifar_stem`` has no effect on it.
+    """
+    stem, (c1, c2, c3) = _scaled(16, width), [_scaled(c, width) for c in (32, 64, 128)]
+    d1, d2, d3 = [4 * _scaled(d, width) for d in (8, 16, 32)]  # a multiple of the cardinality
+    features = nn.Sequential(
+        _conv_bn_relu(3, stem), GroupedBottleneck(stem, d1, c1, 4), GroupedBottleneck(c1, d2, c2, 4, 2),
+        GroupedBottleneck(c2, d3, c3, 4, 2),
+    )
+    return _SmallNet(features, c3, num_classes)
 
 
 def available_backbones() -> list[str]:
@@ -360,4 +396,4 @@ def load_weights(model: nn.Module, path: str | os.PathLike) -> None:
     if skip_head:
         _log.info("%s: head %r has another shape; kept the model's fresh head", path, head_name)
         state = {k: v for k, v in state.items() if k not in head_keys}
-    target.load_state_dict(state, strict=False)
+    load_tensors(target, state, strict=False)  # with the module's own metadata (MNASNet needs its version)

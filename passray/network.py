@@ -1,8 +1,9 @@
 """The network the loops train: prompt -> backbone, with channel gates on the backbone.
 
-During PASS search the masks are recomputed by the pruner on every forward pass, so a
-DDP wrapper around this module sees one ordinary module whose forward produces the
-loss's dependence on hypernet, prompt encoder and prompt alike.
+Masks are an argument, never state left on the network: ``net(x, masks)`` gates the
+backbone for that one forward pass (``ChannelGroups.gated``), ``net(x)`` runs it ungated
+(dense, or physically pruned). ``Masked`` binds fixed masks for the loops that call
+``model(x)``; the PASS search binds its pruner the same way (``passray.search``).
 """
 
 from __future__ import annotations
@@ -13,10 +14,9 @@ import torch
 import torch.nn as nn
 
 from passray.groups import ChannelGroups
-from passray.hypernet import PassPruner
 from passray.prompts import VisualPrompt
 
-__all__ = ["PrunableNet"]
+__all__ = ["Masked", "PrunableNet"]
 
 
 class PrunableNet(nn.Module):
@@ -24,21 +24,27 @@ class PrunableNet(nn.Module):
         super().__init__()
         self.backbone = backbone
         self.prompt = prompt
-        self.pruner: PassPruner | None = None
         self.groups: ChannelGroups | None = None  # not a module: holds Torch-Pruning's graph
 
-    def attach(self, groups: ChannelGroups, pruner: PassPruner | None = None) -> None:
-        """Gate the backbone through ``groups``; with a pruner, masks follow the hypernet every step."""
+    def attach(self, groups: ChannelGroups) -> None:
+        """The channel groups that ``masks`` in ``forward`` refer to."""
         self.groups = groups
-        self.pruner = pruner
 
-    def fix_masks(self, masks: Sequence[torch.Tensor] | None) -> None:
-        """Freeze the masks (the pruner stops driving them)."""
-        assert self.groups is not None, "attach(groups) before fixing masks"
-        self.pruner = None
-        self.groups.set_masks(None if masks is None else [m.detach() for m in masks])
+    def forward(self, x: torch.Tensor, masks: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
+        if masks is None:
+            return self.backbone(self.prompt(x))
+        assert self.groups is not None, "attach(groups) before a masked forward"
+        with self.groups.gated(masks):
+            return self.backbone(self.prompt(x))
+
+
+class Masked(nn.Module):
+    """``net`` under fixed hard masks: what evaluation, BN recalibration and head training run."""
+
+    def __init__(self, net: PrunableNet, masks: Sequence[torch.Tensor]) -> None:
+        super().__init__()
+        self.net = net
+        self.masks = [m.detach() for m in masks]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.pruner is not None:
-            self.groups.set_masks(self.pruner(self.prompt.tensor()))
-        return self.backbone(self.prompt(x))
+        return self.net(x, self.masks)

@@ -2,9 +2,10 @@
 
 Torch-Pruning traces most CNNs, but on some graphs (timm cspnet, ghostnet, mixnet, nfnet,
 sknet, res2net, ...) its groups are wrong in ways that show only when the network is
-physically pruned: after the search, an hour into a run, as a bare traceback. The trial
-finds that in seconds. It first checks that every group's index mapping stays inside its
-layers and that the cost model keeps every layer at least one channel wide at the floor.
+physically pruned: after the search, an hour into a run, as a bare traceback. The groups
+whose structure shows it (index maps outside a layer, splits) are left whole when the
+groups are built (``groups._unsupported``); the trial finds the rest in seconds. It first
+checks that the cost model keeps every layer at least one channel wide at the floor.
 Then, on a copy whose norm layers, biases and head are randomised (so a wrongly gated
 channel shows in the output), it masks a random subset of every group, prunes the copy,
 and checks that masked == pruned, that the cost model counts the pruned layers exactly,
@@ -25,10 +26,11 @@ from safetensors.torch import load as load_bytes
 from safetensors.torch import save as save_bytes
 
 from passray._cost import _LAYERS, _dims
+from passray._state_io import load_tensors
 from passray.budget import Allocator
 from passray.config import BudgetConfig
-from passray.export import build_groups, check_equivalence, exact_fp32, load_tensors
-from passray.groups import _NORMS, ChannelGroups, count_macs_params
+from passray.equivalence import check_equivalence, exact_fp32
+from passray.groups import _NORMS, ChannelGroups, build_groups, count_macs_params
 from passray.models import classifier
 
 __all__ = ["check_prunable"]
@@ -47,7 +49,7 @@ def check_prunable(backbone: nn.Module, image_size: int, budget: BudgetConfig, a
     cuda = [torch.cuda.current_device() if device.index is None else device.index] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=cuda):  # dropout in the training-mode forward must not move the run's RNG
         model, groups = _prepared(backbone, image_size, arch)
-        found = _mapped_outside(groups) or _shrunk_below_one(groups, budget)
+        found = _shrunk_below_one(groups, budget)
         if found is not None:
             _refuse(arch, backbone, groups, *found)
         masks = _random_masks(groups, budget)
@@ -97,45 +99,16 @@ def _refuse(arch: str, backbone: nn.Module, groups: ChannelGroups, index: int | 
     group = groups.groups[index]
     root = backbone.get_submodule(group.name)  # the dense original: the trial's copy may be pruned by now
     layer = type(root).__name__ + (f" {_dims(root)[1]}->{_dims(root)[0]}" if isinstance(root, _LAYERS) else "")
-    raise ValueError(f"{arch}: cannot be pruned exactly: group {group.name} ({layer}, {group.width} channels, "
-                     f"{index + 1} of {len(groups)}): {cause}; {_ADVICE}")
-
-
-def _mapped_outside(groups: ChannelGroups) -> tuple[int, str] | None:
-    """The first group whose Torch-Pruning index mapping names channels a layer or the group does not have.
-
-    Its split/chunk/concat mapping goes wrong on some graphs (timm res2net, cspnet, ghostnet): pruning
-    such a group indexes out of range, the gates mask the wrong channels, and the cost model shrinks
-    layers below zero channels.
-    """
-    for index, group in enumerate(groups.groups):
-        for item in group.items:
-            module = groups.module(item.module)
-            if not (isinstance(module, _LAYERS) or isinstance(module, _NORMS) and module.weight is not None):
-                continue  # no channel count to check against
-            channels = _dims(module)[0 if item.dim == "out" else 1]
-            idxs = item.idxs.tolist()
-            if idxs and (max(idxs) >= channels or len(set(idxs)) < len(idxs)):
-                return index, (f"Torch-Pruning maps its {group.width} channels onto {len(idxs)} {item.dim}-channels "
-                               f"up to index {max(idxs)} of {item.module}, which has {channels}")
-            if len(item.root_idxs) and int(item.root_idxs.max()) >= group.width:
-                return index, (f"Torch-Pruning ties {item.dim}-channels of {item.module} to channel "
-                               f"{int(item.root_idxs.max())} of a group of {group.width}")
-    return None
-
-
-def _floor(groups: ChannelGroups, budget: BudgetConfig) -> torch.Tensor:
-    """Fewest channels the allocator may keep per group: min_channels rounded up to round_to (as ``Allocator``)."""
-    step = budget.round_to
-    floor = -(-budget.min_channels // step) * step
-    return torch.clamp(groups.cost.widths, max=float(floor))
+    units = f" in {group.width} tied units" if group.unit_of is not None else ""
+    raise ValueError(f"{arch}: cannot be pruned exactly: group {group.name} ({layer}, {group.channels} channels"
+                     f"{units}, {index + 1} of {len(groups)}): {cause}; {_ADVICE}")
 
 
 def _shrunk_below_one(groups: ChannelGroups, budget: BudgetConfig) -> tuple[int, str] | None:
     """The group that drives a layer of the cost model below one channel at the smallest allowed widths."""
     cost = groups.cost
-    sizes = zip(("out", "in"), cost.layer_sizes(_floor(groups, budget)[None]), (cost.out_size, cost.in_size),
-                (cost.a_out, cost.a_in))
+    floor = cost.floor(budget.min_channels, budget.round_to)
+    sizes = zip(("out", "in"), cost.layer_sizes(floor[None]), (cost.out_size, cost.in_size), (cost.a_out, cost.a_in))
     for dim, size, dense, share in sizes:
         bad = torch.nonzero((size[0] < 1) & (dense >= 1)).flatten()
         if len(bad):
@@ -147,10 +120,11 @@ def _shrunk_below_one(groups: ChannelGroups, budget: BudgetConfig) -> tuple[int,
 
 
 def _random_masks(groups: ChannelGroups, budget: BudgetConfig) -> list[torch.Tensor]:
-    """About half of every group's channels, at random positions, never below the allocator's floor."""
-    step = budget.round_to
+    """About half of every group's units, at random positions, never below the allocator's floor."""
+    cost = groups.cost
     masks = []
-    for index, (width, floor) in enumerate(zip(groups.widths, _floor(groups, budget).long().tolist())):
+    floors, steps = cost.floor(budget.min_channels, budget.round_to), cost.unit_steps(budget.round_to)
+    for index, (width, floor, step) in enumerate(zip(groups.widths, floors.long().tolist(), steps.long().tolist())):
         keep = min(width, max(floor, -(-(width // 2) // step) * step))
         if keep == width and floor < width:
             keep = floor

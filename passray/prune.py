@@ -10,14 +10,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from passray._cli import format_table, load_from_args, make_parser, next_free, run_cli
+from passray._cli import TABLE_COLUMNS, format_table, load_from_args, make_parser, next_free, run_cli
 from passray.pipeline import Runtime, run
 
-__all__ = ["TABLE_COLUMNS", "main"]
-
-TABLE_COLUMNS = ["method", "keep_ratio", "macs_ratio", "params_ratio", "speedup_predicted", "speedup_measured",
-                 "dense_val_accuracy", "initial_masked_val_accuracy", "search_val_accuracy", "val_accuracy_before_finetune",
-                 "test_accuracy_before_finetune", "val_accuracy", "test_accuracy", "wall_seconds"]
+__all__ = ["main"]
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -29,7 +29,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
-__all__ = ["EXPORT_ARTIFACT_PATH", "Tracker", "check_reachable", "masks_summary", "resolve_uri"]
+__all__ = ["EXPORT_ARTIFACT_PATH", "Tracker", "check_reachable", "masks_summary", "resolve_uri", "scalar_metrics"]
 
 MAX_PARAM_LENGTH = 6000  # MAX_PARAM_VAL_LENGTH in mlflow/utils/validation.py
 MAX_KEY_LENGTH = 250
@@ -118,14 +118,25 @@ def _param_value(value: Any) -> str:
     return text if len(text) <= MAX_PARAM_LENGTH else text[:MAX_PARAM_LENGTH - 3] + "..."
 
 
-def _finite(value: Any) -> float | None:
-    if isinstance(value, (bool, str, bytes)) or not hasattr(value, "__float__"):
-        return None
-    try:
-        value = float(value)
-    except (TypeError, ValueError, RuntimeError):  # e.g. a tensor with several elements
-        return None
-    return value if math.isfinite(value) else None
+def scalar_metrics(metrics: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """What Ray and MLflow may carry: bool/int/str and finite floats; nested dicts become dotted keys.
+
+    Tensors are refused by ``ray.train.report`` and the controller's snapshot is JSON, so
+    one-element tensors and numpy scalars become Python numbers; None, NaN/inf and
+    anything else are dropped. Strings (``stage``) are kept: the V2 controller stores
+    metrics as JSON and Tune accepts them.
+    """
+    out: dict[str, Any] = {}
+    for key, value in metrics.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(scalar_metrics(value, f"{name}."))
+            continue
+        if hasattr(value, "item") and (getattr(value, "shape", None) == () or getattr(value, "numel", lambda: 0)() == 1):
+            value = value.item()  # a one-element tensor, a numpy scalar
+        if isinstance(value, (bool, int, str)) or (isinstance(value, float) and math.isfinite(value)):
+            out[name] = value
+    return out
 
 
 def masks_summary(structure: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
@@ -248,7 +259,8 @@ class Tracker:
             metrics = dict(metrics)
             step = metrics.pop("step", 0)
         now = int(time.time() * 1000)
-        kept = {str(k)[:MAX_KEY_LENGTH]: v for k, v in ((k, _finite(v)) for k, v in metrics.items()) if v is not None}
+        kept = {str(k)[:MAX_KEY_LENGTH]: float(v) for k, v in scalar_metrics(metrics).items()
+                if isinstance(v, (int, float)) and not isinstance(v, bool)}
         items = [Metric(k, v, now, int(step)) for k, v in kept.items()]
         for start in range(0, len(items), 1000):
             self.client.log_batch(run_id, metrics=items[start:start + 1000])

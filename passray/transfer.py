@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from passray._cli import format_table, load_from_args, make_parser, run_cli
-from passray.config import Config, apply_overrides, validate
+from passray.config import Config
 from passray.pipeline import Runtime, run
 from passray.registry import describe, find, load_registered_hypernet, load_registered_structure
 from passray.tracking import Tracker, resolve_uri
@@ -54,10 +54,10 @@ class _Reporter:
 def _aligned(cfg: Config, spec: dict[str, Any]) -> Config:
     """The hypernet's own sizes and prompt win over the config's (they define its weights)."""
     prompt = spec.get("prompt", {})
-    return validate(apply_overrides(cfg.to_dict(), [
-        f"hypernet.hidden_size={spec['hidden_size']}", f"hypernet.recurrent={json.dumps(spec['recurrent'])}",
-        f"hypernet.stats_length={spec['stats_length']}", f"hypernet.prior={spec['prior']}", f"prompt.kind={prompt.get('kind', cfg.prompt.kind)}",
-        f"prompt.size={prompt.get('size', cfg.prompt.size)}", "method=pass"]))
+    return cfg.derive({"hypernet.hidden_size": spec["hidden_size"], "hypernet.recurrent": spec["recurrent"],
+                       "hypernet.stats_length": spec["stats_length"], "hypernet.prior": spec["prior"],
+                       "prompt.kind": prompt.get("kind", cfg.prompt.kind), "prompt.size": prompt.get("size", cfg.prompt.size),
+                       "method": "pass"})
 
 
 def _structure_uri(source: dict[str, Any], uri: str) -> str:
@@ -73,7 +73,8 @@ def _check_compatible(cfg: Config, structure: dict[str, Any] | None) -> None:
     if structure is None:
         return
     from passray.data import load_dataset
-    from passray.export import build_groups, masks_from_structure
+    from passray.export import masks_from_structure
+    from passray.groups import build_groups
     from passray.models import create_backbone
 
     ds = load_dataset(cfg.data)
@@ -85,13 +86,13 @@ def mode_setup(cfg: Config, mode: str, hypernet=None, structure: dict[str, Any] 
                prompt_epochs: int = 1) -> tuple[Config, Runtime]:
     """The config and runtime of one mode; each mode gets its own copy of the source hypernet."""
     if mode == "zero-shot":
-        return (validate(apply_overrides(cfg.to_dict(), [f"search.epochs={prompt_epochs}"])),
+        return (cfg.derive({"search.epochs": prompt_epochs}),
                 Runtime(progress=False, hypernet=copy.deepcopy(hypernet), freeze_hypernet=True))
     if mode == "warm-start":
         return cfg, Runtime(progress=False, hypernet=copy.deepcopy(hypernet))
     if mode == "mask":  # no search: the head gets the epochs a search would have given it, as baselines do
         head = cfg.head_epochs or cfg.search.epochs
-        return validate(apply_overrides(cfg.to_dict(), [f"head_epochs={head}"])), Runtime(progress=False, structure=structure)
+        return cfg.derive({"head_epochs": head}), Runtime(progress=False, structure=structure)
     if mode == "fresh":
         return cfg, Runtime(progress=False)
     raise ValueError(f"transfer mode must be one of {', '.join(MODES)}, got {mode!r}")

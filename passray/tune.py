@@ -9,7 +9,9 @@ is writable, MLflow and Ray are reachable and one trial fits the cluster -> dens
 backbone once (reused by every trial) -> Tune. Each trial runs the pipeline in-process
 (``train.num_workers: 0``) or as a Ray Train ``TorchTrainer`` whose rank-0 metrics reach
 Tune through ``TuneReportCallback``; each trial is an MLflow child run of one parent run
-per experiment.
+per experiment. A trial may reserve a share of a GPU (``train.gpus_per_worker: 0.25`` runs
+four on one GPU); unless ``tune.max_concurrent_trials`` says otherwise, as many trials run at
+once as the cluster's CPUs and GPUs hold.
 
 Ctrl-C stops Tune, which saves the experiment: the results so far are written and marked
 partial, the MLflow runs still open are marked KILLED, nothing is registered, the exit code
@@ -26,7 +28,7 @@ import signal
 import tempfile
 import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import ray
 from ray import tune
@@ -35,14 +37,13 @@ from passray._cli import config_record, load_from_args, make_parser, next_free, 
 from passray._state_io import check_writable, write_atomically
 from passray._tune_report import (PARTIAL_NOTE, TrialTable, dense_row, pareto_front, trial_name, trial_rows,
                                   write_results)
-from passray.config import Config, ConfigError, apply_overrides, validate
+from passray.config import Config, ConfigError
 from passray.pipeline import Runtime, pretrain, run
-from passray.tracking import Tracker, resolve_uri
-from passray.train import (check_cluster_fits, connect_ray, copy_export, fit, scalar_metrics, storage_uri,
-                           worker_resources)
+from passray.tracking import Tracker, resolve_uri, scalar_metrics
+from passray.train import assigned_gpu, check_cluster_fits, connect_ray, copy_export, fit, storage_uri, worker_resources
 
-__all__ = ["EXPERIMENT_FILE", "build_space", "check_tracking_reaches_trials", "experiment_config", "main",
-           "pareto_front", "pretrain_on_cluster"]
+__all__ = ["EXPERIMENT_FILE", "build_space", "check_tracking_reaches_trials", "check_trial_fits", "concurrent_trials",
+           "experiment_config", "main", "pareto_front", "pretrain_on_cluster", "trainable", "trial_resources"]
 
 EXPERIMENT_FILE = "passray_tune.json"  # in the experiment folder: its config record, dense result, MLflow parent
 # Where an experiment lives, not what it computes: --resume names its folder (which may have moved,
@@ -54,6 +55,7 @@ SPACE_TYPES = ("int", "uniform", "loguniform", "choice")
 # TBX (TensorBoard) logging is on by default and prints a hint for a tool passray does not use.
 # Both are switched off by Ray's documented variables, unless the user set them.
 CONSOLE_ENV = {"RAY_AIR_NEW_OUTPUT": "0", "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1"}
+TRAINER_TRIAL_CPUS = 0.5  # a trial whose pipeline runs on Ray Train workers only waits for its TorchTrainer
 
 
 # ---------------------------------------------------------------- search space
@@ -83,7 +85,6 @@ def _domain(key: str, spec: dict[str, Any]):
 
 def build_space(cfg: Config) -> dict[str, Any]:
     """YAML space -> Tune domains; every key and the extremes of every range are validated now."""
-    base = cfg.to_dict()
     space = {}
     for key, spec in cfg.tune.space.items():
         if key.split(".")[0] == "tune":
@@ -93,15 +94,48 @@ def build_space(cfg: Config) -> dict[str, Any]:
         domain, extremes = _domain(key, spec)
         for value in extremes:
             try:
-                validate(apply_overrides(base, [f"{key}={json.dumps(value)}"]))
+                cfg.derive({key: value})
             except ConfigError as err:
                 raise ConfigError(f"config key 'tune.space.{key}': value {value!r} is invalid ({err})") from None
         space[key] = domain
     return space
 
 
-def trial_config(base: dict[str, Any], values: dict[str, Any]) -> Config:
-    return validate(apply_overrides(base, [f"{k}={json.dumps(v)}" for k, v in values.items()]))
+def trial_resources(cfg: Config) -> list[dict[str, float]]:
+    """What one trial reserves, one dict per process: the trial itself (which runs the pipeline when
+    ``train.num_workers`` is 0, on its GPU share, ``train.gpus_per_worker``), then its Ray Train workers."""
+    if cfg.train.num_workers == 0:
+        return [{**worker_resources(cfg)[0], "CPU": cfg.tune.cpus_per_trial}]
+    return [{"CPU": TRAINER_TRIAL_CPUS}, *worker_resources(cfg)]
+
+
+def check_trial_fits(cfg: Config) -> None:
+    """Refuse a trial the cluster cannot hold in one line naming the key to lower (Tune would wait forever)."""
+    if cfg.train.num_workers:
+        check_cluster_fits(trial_resources(cfg), "train.num_workers")
+    else:
+        gpus = "train.gpus_per_worker" if cfg.train.gpus_per_worker else "train.use_gpu"
+        check_cluster_fits(trial_resources(cfg), {"CPU": "tune.cpus_per_trial", "GPU": gpus})
+
+
+def concurrent_trials(cfg: Config) -> int:
+    """Trials run at once: ``tune.max_concurrent_trials``, else as many as the cluster holds, the fewest
+    over its resources of (cluster total // one trial's need): 2 GPUs at 0.25 GPU a trial hold 8 trials,
+    if the CPUs hold 8 too. At least 1 (a cluster an autoscaler may grow starts small)."""
+    if cfg.tune.max_concurrent_trials:
+        return cfg.tune.max_concurrent_trials
+    need: dict[str, float] = {}
+    for bundle in trial_resources(cfg):
+        for resource, amount in bundle.items():
+            need[resource] = need.get(resource, 0.0) + amount
+    total = ray.cluster_resources()
+    # 1e-6: shares like 0.1 do not add up exactly, and Ray counts resources in 1e-4 units anyway
+    return max(1, min(int(total.get(resource, 0.0) / amount + 1e-6) for resource, amount in need.items()))
+
+
+def trainable(cfg: Config, function: Callable[..., None], **parameters: Any) -> Any:
+    """``function`` as Tune runs it for ``cfg``: with its ``parameters`` and a trial's resources."""
+    return tune.with_resources(tune.with_parameters(function, **parameters), trial_resources(cfg)[0])
 
 
 # ---------------------------------------------------------------- one trial
@@ -146,14 +180,16 @@ def run_trial(values: dict[str, Any], *, job: dict[str, Any]) -> None:
     """Tune's trainable: one pruning job for one point of the search space.
 
     ``values`` (the trial's config) holds only the sampled values, so that Tune's trial config is
-    what was searched; the base config and the MLflow parent come in ``job`` (``tune.with_parameters``)."""
-    cfg = trial_config(job["base"], values)
+    what was searched; the base config and the MLflow parent come in ``job`` (``tune.with_parameters``).
+    In-process trials run on the GPU (share) Ray assigned them, if any."""
+    cfg = job["base"].derive(values)
     context = tune.get_context()
     tracker = Tracker(job["tracking_uri"], check=False)
     child = tracker.start_child(job["parent_run_id"], context.get_trial_name(), params={**cfg.flat(), **values})
     try:
         if cfg.train.num_workers == 0:
-            run(cfg, Runtime(reporter=_TuneReporter(tracker, child, cfg), restored=_restored(), progress=False))
+            run(cfg, Runtime(device=assigned_gpu(), reporter=_TuneReporter(tracker, child, cfg), restored=_restored(),
+                             progress=False))
         else:
             from ray.tune.integration.ray_train import TuneReportCallback
 
@@ -187,18 +223,6 @@ def _tune_config(cfg: Config, slots: int):
     return tune.TuneConfig(metric="val_accuracy", mode="max", search_alg=OptunaSearch(seed=cfg.seed),
                            scheduler=scheduler, num_samples=cfg.tune.num_samples, max_concurrent_trials=slots,
                            trial_name_creator=trial_name, trial_dirname_creator=trial_name)
-
-
-def _slots(cfg: Config, driver_cpus: float) -> int:
-    """Trials that fit at once: the driver's CPUs plus, with Ray Train, its workers' CPUs/GPUs."""
-    if cfg.tune.max_concurrent_trials:
-        return cfg.tune.max_concurrent_trials
-    workers = cfg.train.num_workers
-    cluster = ray.cluster_resources()
-    fits = cluster.get("CPU", 1) // (driver_cpus + workers * cfg.train.cpus_per_worker)
-    if workers and cfg.train.use_gpu:
-        fits = min(fits, cluster.get("GPU", 0) // workers)
-    return max(1, int(fits))
 
 
 @contextlib.contextmanager
@@ -255,8 +279,8 @@ def _register(cfg: Config, rows: list[dict[str, Any]], front: list[dict[str, Any
             print(f"trial {row['trial']} {'was already registered' if again else 'registered'}: {names}")
 
 
-def _pretrain_task(cfg_dict: dict[str, Any], path: str) -> dict[str, Any]:
-    out = pretrain(validate(cfg_dict), path, Runtime(progress=False))
+def _pretrain_task(cfg: Config, path: str) -> dict[str, Any]:
+    out = pretrain(cfg, path, Runtime(device=assigned_gpu(), progress=False))
     return {**out, "node": ray.get_runtime_context().get_node_id(), "gpus": [str(g) for g in ray.get_gpu_ids()]}
 
 
@@ -266,7 +290,7 @@ def pretrain_on_cluster(cfg: Config, path: Path) -> dict[str, Any]:
     if not cfg.train.use_gpu:
         return pretrain(cfg, path, Runtime(progress=True))
     task = ray.remote(num_gpus=1, num_cpus=cfg.train.cpus_per_worker)(_pretrain_task)
-    return ray.get(task.remote(cfg.to_dict(), str(path)))
+    return ray.get(task.remote(cfg, str(path)))
 
 
 def check_tracking_reaches_trials(uri: str, hosts: set[str]) -> None:
@@ -296,18 +320,18 @@ def _resumed_state(cfg: Config, given: str) -> tuple[Path, dict[str, Any]]:
     return exp_dir, state
 
 
-def _tuner(cfg: Config, exp_dir: Path, trainable, space: dict[str, Any], per_trial: float) -> tune.Tuner:
+def _tuner(cfg: Config, exp_dir: Path, trial, space: dict[str, Any]) -> tune.Tuner:
     """Tuner.restore when Tune saved this experiment before, else a new Tuner in ``exp_dir`` (also on
     --resume of an experiment interrupted before its first trial, e.g. in the dense training)."""
     if tune.Tuner.can_restore(str(exp_dir)):
-        return tune.Tuner.restore(str(exp_dir), trainable, resume_unfinished=True, resume_errored=True)
+        return tune.Tuner.restore(str(exp_dir), trial, resume_unfinished=True, resume_errored=True)
     from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 
     run_config = tune.RunConfig(name=exp_dir.name, storage_path=str(exp_dir.parent),
                                 failure_config=tune.FailureConfig(max_failures=cfg.tune.max_trial_failures),
                                 verbose=1, progress_reporter=TrialTable(list(space)),
                                 callbacks=[CSVLoggerCallback(), JsonLoggerCallback()])
-    return tune.Tuner(trainable, param_space=space, tune_config=_tune_config(cfg, _slots(cfg, per_trial)),
+    return tune.Tuner(trial, param_space=space, tune_config=_tune_config(cfg, concurrent_trials(cfg)),
                       run_config=run_config)
 
 
@@ -342,24 +366,24 @@ def _new_experiment(cfg: Config, storage: str) -> tuple[Config, Path]:
             continue
     if exp_dir.name != cfg.tune.name:
         taken = exp_dir.with_name(cfg.tune.name)
-        cfg = validate(apply_overrides(cfg.to_dict(), [f"tune.name={exp_dir.name}"]))
+        cfg = cfg.derive({"tune.name": exp_dir.name})
         print(f"{taken} exists (continue it with --resume {taken}); this run is {exp_dir.name}")
     return cfg, exp_dir
 
 
-def _sweep(cfg: Config, exp_dir: Path, state: dict[str, Any], tracker: Tracker, space: dict[str, Any],
-           per_trial: float) -> list[dict[str, Any]]:
+def _sweep(cfg: Config, exp_dir: Path, state: dict[str, Any], tracker: Tracker,
+           space: dict[str, Any]) -> list[dict[str, Any]]:
     """The shared dense training (once), the MLflow parent run, Tune, the results; an interrupted
     sweep writes its partial results, then ends in ``KeyboardInterrupt``."""
     state_file = exp_dir / EXPERIMENT_FILE
-    base = cfg.to_dict()
+    base = cfg
     if cfg.pretrain.epochs > 0 and not cfg.model.weights:
         weights = exp_dir / "backbone.safetensors"
         if not weights.exists():
             print(f"dense training of {cfg.model.arch} once, shared by every trial -> {weights}")
             dense = pretrain_on_cluster(cfg, weights)
             state["dense"] = {k: v for k, v in dense.items() if k != "path"}
-        base = apply_overrides(base, [f"model.weights={weights}", "pretrain.epochs=0"])
+        base = cfg.derive({"model.weights": str(weights), "pretrain.epochs": 0})
     if "parent_run_id" in state:
         tracker.reopen(state["parent_run_id"])
     else:
@@ -368,8 +392,7 @@ def _sweep(cfg: Config, exp_dir: Path, state: dict[str, Any], tracker: Tracker, 
     write_atomically(state_file, json.dumps(state, indent=1))
     parent = state["parent_run_id"]
     job = {"base": base, "tracking_uri": tracker.uri, "parent_run_id": parent, "experiment": exp_dir.name}
-    trainable = tune.with_resources(tune.with_parameters(run_trial, job=job), {"CPU": per_trial})
-    tuner = _tuner(cfg, exp_dir, trainable, space, per_trial)
+    tuner = _tuner(cfg, exp_dir, trainable(cfg, run_trial, job=job), space)
     with _console_env(), _own_sigint():
         results = tuner.fit()
     unfinished = _unfinished(cfg, exp_dir)
@@ -406,18 +429,14 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     tracker = Tracker(uri)  # fails here, before any training, if MLflow is unreachable
     connect_ray(log_to_driver=False)  # fails in seconds if RAY_ADDRESS names no cluster
     check_tracking_reaches_trials(uri, {n["NodeManagerAddress"] for n in ray.nodes() if n["Alive"]})
-    per_trial = cfg.tune.cpus_per_trial if cfg.train.num_workers == 0 else 0.5
-    if cfg.train.num_workers == 0:
-        check_cluster_fits([{"CPU": per_trial}], "tune.cpus_per_trial")
-    else:
-        check_cluster_fits([{"CPU": per_trial}, *worker_resources(cfg)], "train.num_workers")
+    check_trial_fits(cfg)
     if exp_dir is None:
         cfg, exp_dir = _new_experiment(cfg, storage)
         state = config_record(experiment_config(cfg))
     # written now, so that an experiment stopped in its dense training can be resumed too
     write_atomically(exp_dir / EXPERIMENT_FILE, json.dumps(state, indent=1))
     try:
-        return _sweep(cfg, exp_dir, state, tracker, space, per_trial)
+        return _sweep(cfg, exp_dir, state, tracker, space)
     except KeyboardInterrupt as err:  # a partial sweep, or Ctrl-C outside Tune's own handling (a second one, say)
         if "parent_run_id" in state:
             _close(tracker, state["parent_run_id"], "KILLED")

@@ -160,3 +160,32 @@ def test_transfer_smoke_runs_every_mode_and_resumes(tmp_path: Path) -> None:
     assert "| zero-shot |" in results.with_suffix(".md").read_text()
     again = _run("transfer.py", "--results", str(results))
     assert "5 of 5 rows done" in again.stdout
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_scaling_smoke_writes_tune_and_ddp_rows_and_resumes(tmp_path: Path) -> None:
+    """tune_scaling.py (trials packed on 1 logical GPU) and train_scaling.py --gpus (CPU workers) share one file."""
+    results = tmp_path / "scaling.json"
+    _run("tune_scaling.py", "--results", str(results))
+    _run("train_scaling.py", "--gpus", "2", "--results", str(results))
+    data = json.loads(results.read_text())
+    tune = sorted((r for r in data["rows"] if r["part"] == "tune"), key=lambda r: r["trials_per_gpu"])
+    assert [r["trials_per_gpu"] for r in tune] == [1, 2]
+    for row in tune:
+        assert row["gpus"] == 1 and row["trials"] == 2 and row["failed_trials"] == 0
+        assert row["concurrent_trials"] == row["trials_per_gpu"]  # derived by passray.tune from the GPU share
+        assert row["trials_per_hour"] > 0 and 0.0 <= row["best_val_accuracy"] <= 1.0
+        assert "--smoke" in row["command"] and row["device"].startswith("cpu")
+        assert row["config_used"]["train"]["gpus_per_worker"] == pytest.approx(1 / row["trials_per_gpu"])
+    # packing changes when trials run, not what they compute (same seeds and sampled values)
+    assert sorted(tune[0]["val_accuracies"]) == pytest.approx(sorted(tune[1]["val_accuracies"]))
+    ddp = sorted((r for r in data["rows"] if r["part"] == "ddp"), key=lambda r: r["gpus"])
+    assert [r["gpus"] for r in ddp] == [1, 2] and all(r["global_batch"] == 16 for r in ddp)
+    for row in ddp:
+        assert row["search_images_per_second"] > 0 and 0.0 <= row["test_accuracy"] <= 1.0 and row["wall_seconds"] > 0
+    summary = results.with_suffix(".md").read_text()
+    assert summary.count("(smoke) | cpu") == 4 and "trials/h" in summary and "search img/s" in summary
+    again = _run("tune_scaling.py", "--results", str(results))
+    assert "2 of 2 rows already" in again.stdout
+    assert json.loads(results.read_text())["rows"] == data["rows"]

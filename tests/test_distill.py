@@ -17,9 +17,9 @@ from safetensors.torch import load_file, save_file
 from passray import engine
 from passray._cli import run_cli
 from passray._state_io import load_state
-from passray.config import ConfigError, apply_overrides, load_config, validate
+from passray.config import ConfigError, load_config
 from passray.models import classifier, create_backbone
-from passray.pipeline import Runtime, _Run, pretrain
+from passray.pipeline import RunContext, Runtime, execute, pretrain
 from passray.prune import main as prune_main
 
 # 16x16 digits, a quarter-width convnet, 4 fine-tune steps: each run takes seconds on 2 shared cores
@@ -40,9 +40,9 @@ def dense(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def _job(weights: Path, *extra: str, runtime: Runtime | None = None) -> _Run:
-    job = _Run(load_config(None, [*PRUNE, f"model.weights={weights}", *extra]), runtime or Runtime(progress=False))
-    job.execute()
+def _job(weights: Path, *extra: str, runtime: Runtime | None = None) -> RunContext:
+    job = RunContext(load_config(None, [*PRUNE, f"model.weights={weights}", *extra]), runtime or Runtime(progress=False))
+    execute(job)
     return job
 
 
@@ -120,7 +120,7 @@ def test_weight_zero_is_the_plain_fine_tune(dense: Path) -> None:
                                                 "finetune.distill.temperature=2")
     assert off.teacher is None
     _assert_same_state(plain.net.state_dict(), off.net.state_dict())
-    assert [h.get("train_loss") for h in plain.meta["history"]] == [h.get("train_loss") for h in off.meta["history"]]
+    assert [h.get("train_loss") for h in plain.state.history] == [h.get("train_loss") for h in off.state.history]
 
 
 @pytest.mark.parametrize("method", ["l1", "pass"])
@@ -128,7 +128,7 @@ def test_distillation_changes_fine_tune_and_never_the_teacher(dense: Path, metho
     plain = _job(dense, f"method={method}")
     taught = _job(dense, f"method={method}", "finetune.distill.weight=0.5")
     assert plain.masks is not None and all(torch.equal(a, b) for a, b in zip(plain.masks, taught.masks))  # same student
-    tuned = lambda job: [h["train_loss"] for h in job.meta["history"] if h["stage"] == "finetune"]  # noqa: E731
+    tuned = lambda job: [h["train_loss"] for h in job.state.history if h["stage"] == "finetune"]  # noqa: E731
     assert tuned(plain) != tuned(taught)
     assert any(not torch.equal(a, b) for a, b in zip(plain.net.state_dict().values(), taught.net.state_dict().values()))
     teacher = taught.teacher  # the dense network as loaded, head included, after the whole run
@@ -167,8 +167,8 @@ def test_a_new_head_is_no_teacher(dense: Path, tmp_path: Path) -> None:
     cfg = load_config(None, [*PRUNE, f"model.weights={headless}", "method=l1", "head_epochs=3", "search.lr=0.05",
                              "budget.keep_ratio=0.7", "finetune.distill.weight=0.5", f"output_dir={out}", "seed=1"])
     with pytest.raises(ValueError, match=r"finetune\.distill\.weight=0\.5: the dense teacher .* no better than"):
-        _Run(cfg, Runtime(progress=False, export_dir=str(out))).execute()
+        execute(RunContext(cfg, Runtime(progress=False, export_dir=str(out))))
     assert not out.exists()
-    no_finetune = _Run(validate(apply_overrides(cfg.to_dict(), ["finetune.epochs=0"])), Runtime(progress=False))
-    no_finetune.execute()  # nothing to distil into: no teacher, nothing refused
+    no_finetune = RunContext(cfg.derive({"finetune.epochs": 0}), Runtime(progress=False))
+    execute(no_finetune)  # nothing to distil into: no teacher, nothing refused
     assert no_finetune.teacher is None

@@ -13,6 +13,7 @@ from passray.export import build_groups
 from passray.hypernet import PassHypernet, PassPruner, group_statistics, load_hypernet, save_hypernet
 from passray.models import create_backbone
 from passray.network import PrunableNet
+from passray.search import SearchNet
 from passray.prompts import VisualPrompt
 
 
@@ -25,7 +26,7 @@ def _setup(arch: str = "resnet18", prompt_kind: str = "pad", recurrent: bool = T
                             stats_length=8)
     pruner = PassPruner(hypernet, groups, Allocator(groups.cost, BudgetConfig(keep_ratio=keep)), **pruner_kw)
     net = PrunableNet(backbone, VisualPrompt(prompt_kind, 4, 32))
-    net.attach(groups, pruner)
+    net.attach(groups)
     return net, groups, hypernet, pruner
 
 
@@ -40,14 +41,14 @@ def _perturb(module: torch.nn.Module, scale: float = 0.1) -> None:
 def test_gradients_reach_theta_omega_and_prompt(estimator: str) -> None:
     """After one step off the zero start, the loss reaches the LSTM, the per-channel scorer,
     the prompt encoder and the prompt, and never the frozen backbone."""
-    net, _, hypernet, _ = _setup("resnet8", estimator=estimator, sample=True)
+    net, _, hypernet, pruner = _setup("resnet8", estimator=estimator, sample=True)
     net.backbone.requires_grad_(False)
     x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
     optimizer = torch.optim.Adam(hypernet.parameters(), lr=0.01)
     for _ in range(2):
         optimizer.zero_grad()
         net.prompt.values.grad = None
-        F.cross_entropy(net(x), y).backward()
+        F.cross_entropy(SearchNet(net, pruner)(x), y).backward()
         optimizer.step()
     parts = {"theta (LSTM)": hypernet.cell, "theta (scorer)": hypernet.scorer_channel,
              "theta (layer head)": hypernet.group_head, "omega (encoder)": hypernet.encoder,
@@ -107,7 +108,7 @@ def test_every_search_step_meets_the_budget() -> None:
     for step in range(4):
         x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
         optimizer.zero_grad()
-        F.cross_entropy(net(x), y).backward()
+        F.cross_entropy(SearchNet(net, pruner)(x), y).backward()
         optimizer.step()
         allocation = pruner.last
         kept = groups.kept_counts(allocation.masks)

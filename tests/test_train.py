@@ -117,7 +117,7 @@ def test_run_name_is_stable_and_ignores_how_it_runs(tmp_path):
 def test_scalar_metrics_keeps_what_ray_can_carry():
     import numpy as np
 
-    from passray.train import scalar_metrics
+    from passray.tracking import scalar_metrics
 
     out = scalar_metrics({"stage": "search", "epoch": 1, "acc": torch.tensor(0.5), "n": np.int64(3),
                           "bad": float("nan"), "none": None, "vec": torch.zeros(2), "lat": {"ms": 1.5}})

@@ -1,0 +1,84 @@
+"""The fast search step computes what the reference step computes.
+
+Fast: masks folded into BatchNorm's affine (``groups._Gates.fold_batch_norm``). Reference:
+a forward hook multiplying every gated output. On the embedded default (digits, convnet,
+PASS with sampled masks), a few search steps from the same start must draw the same masks
+and give the same loss and the same gradients for hypernet, prompt and head (fp32 tolerance).
+(The CUDA-graph half of the fast path runs only on a GPU: ``benchmarks/speed.py`` checks it.)
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from passray.budget import Allocator
+from passray.config import load_config
+from passray.data import load_dataset, make_loaders
+from passray.groups import _Gates, build_groups
+from passray.hypernet import create_pass_pruner
+from passray.models import classifier, create_backbone
+from passray.network import PrunableNet
+from passray.prompts import create_prompt
+from passray.search import SearchNet
+
+
+def _search_steps(steps: int = 3) -> tuple[list[float], list[list[torch.Tensor]], dict[str, torch.Tensor]]:
+    """Losses and drawn masks of ``steps`` search steps (SGD: updates stay proportional to gradients),
+    and the gradients of the first step."""
+    cfg = load_config("tune_configs/quickstart.yaml", ["data.limit_train=256"])
+    torch.manual_seed(0)
+    ds = load_dataset(cfg.data)
+    loaders = make_loaders(ds, cfg.data, torch.device("cpu"), 0, 1, cfg.seed)
+    backbone = create_backbone(cfg.model, ds.num_classes)
+    net = PrunableNet(backbone, create_prompt(cfg.prompt, ds.image_size))
+    groups = build_groups(backbone, ds.image_size)
+    net.attach(groups)
+    pruner = create_pass_pruner(groups, cfg.hypernet, Allocator(groups.cost, cfg.budget), True, seed=cfg.seed)
+    head = classifier(backbone)
+    backbone.requires_grad_(False)
+    head.requires_grad_(True)
+    model = SearchNet(net, pruner).train()
+    params = [*pruner.hypernet.parameters(), *net.prompt.parameters(), *head.parameters()]
+    optimizer = torch.optim.SGD(params, lr=0.05)
+    losses, masks, grads = [], [], {}
+    for step, (x, y) in zip(range(steps), loaders.train):
+        loss = F.cross_entropy(model(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        if step == 0:
+            grads = {f"hypernet.{k}": p.grad.clone() for k, p in pruner.hypernet.named_parameters() if p.grad is not None}
+            grads.update(prompt=net.prompt.values.grad.clone(), head=head.weight.grad.clone())
+        optimizer.step()
+        losses.append(loss.item())
+        masks.append([m.clone() for m in pruner.last.masks])
+    grads.update({k: v for k, v in backbone.state_dict().items() if "running" in k})  # BN statistics move alike
+    return losses, masks, grads
+
+
+def test_folded_batch_norm_gates_match_the_hooks(monkeypatch: pytest.MonkeyPatch) -> None:
+    fast = _search_steps()
+    monkeypatch.setattr(_Gates, "fold_batch_norm", False)
+    reference = _search_steps()
+    assert all(torch.equal(a, b) for step_a, step_b in zip(fast[1], reference[1]) for a, b in zip(step_a, step_b))
+    assert fast[0] == pytest.approx(reference[0], rel=1e-5)
+    assert fast[2].keys() == reference[2].keys()
+    for key in fast[2]:
+        torch.testing.assert_close(fast[2][key], reference[2][key], rtol=1e-4, atol=1e-6, msg=key)
+
+
+def test_folding_applies_to_every_whole_group_batch_norm() -> None:
+    """resnet8's BNs each hold exactly one group's channels: all folded, none hooked twice; removal restores them."""
+    backbone = create_backbone(load_config(None, ["model.arch=resnet8"]).model, 10)
+    groups = build_groups(backbone, 32)
+    x = torch.randn(2, 3, 32, 32)
+    backbone.eval()
+    dense = backbone(x)
+    with groups.gated([torch.ones(w) for w in groups.widths]):
+        folded = {bn for bn, _ in groups._gates.folded}
+        assert folded == {m for m in backbone.modules() if isinstance(m, torch.nn.BatchNorm2d)}
+        assert not groups._gates.handles and all("forward" in vars(bn) for bn in folded)
+        torch.testing.assert_close(backbone(x), dense)
+    groups.remove_gates()
+    assert not any("forward" in vars(m) for m in backbone.modules())
