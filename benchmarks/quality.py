@@ -456,13 +456,13 @@ def plot(summary: list[dict[str, Any]], path: Path) -> bool:
     settings = [s for s in SETTINGS if any(e["setting"] == s for e in shown)]
     metrics = (("test_before_ft", "before fine-tuning"), ("test_after_ft_final", f"after {ft} fine-tune epochs"))
     fig, axes = plt.subplots(len(metrics), len(settings), figsize=(6 * len(settings), 4.2 * len(metrics)), squeeze=False)
-    for (field, when), ax_row in zip(metrics, axes):
+    for (metric, when), ax_row in zip(metrics, axes):
         for ax, setting in zip(ax_row, settings):
             for row in ROWS:
                 for kind, marker in (("macs", "o"), ("latency", "s")):
-                    pts = sorted((e["macs_ratio"]["mean"], e[field]["mean"], e[field]["std"]) for e in shown
+                    pts = sorted((e["macs_ratio"]["mean"], e[metric]["mean"], e[metric]["std"]) for e in shown
                                  if (e["setting"], e["row"], e["budget_kind"]) == (setting, row, kind)
-                                 and e[field]["mean"] is not None)
+                                 and e[metric]["mean"] is not None)
                     if pts:
                         xs, ys, es = zip(*pts)
                         ax.errorbar(xs, [100 * y for y in ys], yerr=[100 * e for e in es], marker=marker, capsize=3,

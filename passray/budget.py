@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from passray._cost import CostModel
+from passray.cost import CostModel
 from passray.config import BudgetConfig
 
 __all__ = ["Allocation", "Allocator"]

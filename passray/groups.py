@@ -31,7 +31,7 @@ import torch.nn.functional as F
 import torch_pruning as tp
 from timm.layers import ScaledStdConv2d, ScaledStdConv2dSame, StdConv2d, StdConv2dSame
 
-from passray._cost import _LAYERS, CostModel, LayerShape, _dims, is_depthwise, trace_layer_shapes
+from passray.cost import LAYERS, CostModel, LayerShape, is_depthwise, layer_dims, trace_layer_shapes
 from passray.models import classifier
 
 __all__ = ["TRACE_LIMIT_S", "ChannelGroup", "ChannelGroups", "build_groups", "count_macs_params"]
@@ -111,9 +111,9 @@ def _unsupported(group: ChannelGroup, model: nn.Module) -> str | None:
             return f"{type(module).__name__} {it.module} normalises over channels"
         if isinstance(module, _WEIGHT_STANDARDISED):
             return f"{type(module).__name__} {it.module} standardises its weights over its input channels"
-        if not (isinstance(module, _LAYERS) or isinstance(module, _NORMS) and module.weight is not None):
+        if not (isinstance(module, LAYERS) or isinstance(module, _NORMS) and module.weight is not None):
             continue  # no channel count to check against
-        channels = _dims(module)[0 if it.dim == "out" else 1]
+        channels = layer_dims(module)[0 if it.dim == "out" else 1]
         if len(it.idxs) and (int(it.idxs.max()) >= channels or len(set(it.idxs.tolist())) < len(it.idxs)
                              or int(it.root_idxs.max()) >= group.width):
             return (f"Torch-Pruning maps its {group.width} channels onto {len(it.idxs)} {it.dim}-channels up to index "
@@ -135,7 +135,7 @@ def _is_channel_slice(node) -> bool:
 
 def _conv_groups(module: nn.Module) -> int:
     """Conv groups that must keep equal channels when pruned: 1 for plain and depthwise layers (any subset works)."""
-    if isinstance(module, _LAYERS[:3]) and module.groups > 1 and not is_depthwise(module):
+    if isinstance(module, LAYERS[:3]) and module.groups > 1 and not is_depthwise(module):
         return module.groups
     return 1
 
@@ -166,7 +166,7 @@ def _tied_units(group: ChannelGroup, model: nn.Module) -> tuple[torch.Tensor | N
         return c
 
     for it, module in grouped:
-        size = _dims(module)[0 if it.dim == "out" else 1]
+        size = layer_dims(module)[0 if it.dim == "out" else 1]
         if not torch.equal(it.idxs.sort().values, torch.arange(size)):
             return None, (f"grouped convolution {it.module} (groups={module.groups}) has {len(it.idxs)} of its {size} "
                           f"{it.dim}-channels in this group: its conv groups cannot keep equal channels")
@@ -193,7 +193,7 @@ def _needs_gate(module: nn.Module, dim: str) -> bool:
         return False
     if isinstance(module, _NORMS):
         return True
-    return isinstance(module, _LAYERS) and getattr(module, "bias", None) is not None
+    return isinstance(module, LAYERS) and getattr(module, "bias", None) is not None
 
 
 class ChannelGroups:

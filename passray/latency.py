@@ -28,7 +28,7 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 
-from passray._cost import CostModel
+from passray.cost import CostModel
 from passray._state_io import write_atomically
 
 __all__ = ["SCHEMA", "LatencyCostModel", "LatencyTable", "LayerTable", "attach", "cache_path", "example_batch",
@@ -159,7 +159,7 @@ class LatencyCostModel(CostModel):
 
     def __init__(self, base: CostModel, cols: torch.Tensor, in_grid: torch.Tensor, out_grid: torch.Tensor,
                  ms: torch.Tensor, rest: torch.Tensor) -> None:
-        super().__init__(base.out_size, base.in_size, base.a_out, base.a_in, base.widths, base.terms)
+        super().__init__(base.out_size, base.in_size, base.a_out, base.a_in, base.widths, base.terms, base.unit_channels)
         self.cols = cols  # [L] cost-model column of each layer table
         self.in_grid, self.out_grid = in_grid, out_grid  # [L, K] kept counts, non-decreasing
         self.ms = ms  # [L, K, K]

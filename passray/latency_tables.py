@@ -24,7 +24,7 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 
-from passray._cost import is_depthwise, trace_layer_shapes, traced_forward
+from passray.cost import is_depthwise, trace_layer_shapes, traced_forward
 from passray.groups import ChannelGroups, build_groups
 from passray.latency import (DTYPES, LatencyTable, LayerTable, attach, cache_path, example_batch, prepared_copy,
                              table_key, time_ms)
@@ -89,16 +89,18 @@ def inspect_layers(groups: ChannelGroups) -> tuple[list[list[Any]], list[LayerSp
         module, kind = model.get_submodule(name), _kind(model.get_submodule(name))
         if kind is None or name not in inputs:
             continue  # no table: its time stays in the constant
-        fixed = kind == "conv" and module.groups > 1  # grouped convs are left whole by ChannelGroups
         shape = inputs[name]
         positions = shapes[name].spatial if name in shapes else math.prod(shape) // max(shape[0], 1)
-        specs.append(LayerSpec(name, module, kind, out_size, in_size, bool(cost.a_in[:, col].any()) and not fixed,
-                               bool(cost.a_out[:, col].any()) and not fixed, shape, positions))
+        specs.append(LayerSpec(name, module, kind, out_size, in_size, bool(cost.a_in[:, col].any()),
+                               bool(cost.a_out[:, col].any()), shape, positions))
     return columns, specs
 
 
-def _counts(size: int, grid: int, vary: bool) -> list[int]:
-    return [max(1, round(k * size / grid)) for k in range(1, grid + 1)] if vary else [size]
+def _counts(spec: LayerSpec, size: int, grid: int, vary: bool) -> list[int]:
+    """Kept counts to time: k/grid of ``size``, in multiples of a grouped conv's groups (its pruned
+    form keeps every conv group, each narrower: ``groups.ChannelGroup`` ties them)."""
+    step = spec.module.groups if spec.kind == "conv" else 1
+    return [max(step, round(k * size / grid / step) * step) for k in range(1, grid + 1)] if vary else [size]
 
 
 def _standalone(spec: LayerSpec, cin: int, cout: int) -> tuple[nn.Module, tuple[int, ...]]:
@@ -126,7 +128,7 @@ def build_table(groups: ChannelGroups, backbone: str, batch_size: int = 256, dty
     columns, specs = inspect_layers(groups)
     layers = {}
     for spec in specs:
-        ins, outs = _counts(spec.in_size, grid, spec.vary_in), _counts(spec.out_size, grid, spec.vary_out)
+        ins, outs = _counts(spec, spec.in_size, grid, spec.vary_in), _counts(spec, spec.out_size, grid, spec.vary_out)
         memo: dict[tuple[int, int], float] = {}
         for cin, cout in ((ci, co) for ci in ins for co in outs if (ci, co) not in memo):
             module, shape = _standalone(spec, cin, cout)
@@ -204,7 +206,7 @@ def analytic_table(groups: ChannelGroups, backbone: str, batch_size: int = 256, 
     elem = torch.finfo(DTYPES[dtype]).bits // 8
     layers = {}
     for spec in specs:
-        ins, outs = _counts(spec.in_size, 2, spec.vary_in), _counts(spec.out_size, 2, spec.vary_out)
+        ins, outs = _counts(spec, spec.in_size, 2, spec.vary_in), _counts(spec, spec.out_size, 2, spec.vary_out)
         layers[spec.name] = LayerTable(spec.kind, ins, outs, [[_analytic_ms(spec, ci, co, batch_size, elem, roof)
                                                                for co in outs] for ci in ins])
     tabled = {s.name for s in specs}

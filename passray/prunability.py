@@ -25,7 +25,7 @@ import torch.nn as nn
 from safetensors.torch import load as load_bytes
 from safetensors.torch import save as save_bytes
 
-from passray._cost import _LAYERS, _dims
+from passray.cost import LAYERS, layer_dims
 from passray._state_io import load_tensors
 from passray.budget import Allocator
 from passray.config import BudgetConfig
@@ -86,7 +86,7 @@ def _randomise(model: nn.Module) -> None:
             module.running_var.copy_(torch.rand(module.running_var.shape, generator=generator) + 0.5)
         if isinstance(module, _NORMS) and getattr(module, "weight", None) is not None:
             module.weight.copy_(torch.rand(module.weight.shape, generator=generator) + 0.5)
-        if isinstance(module, (*_NORMS, *_LAYERS)) and getattr(module, "bias", None) is not None:
+        if isinstance(module, (*_NORMS, *LAYERS)) and getattr(module, "bias", None) is not None:
             module.bias.copy_(torch.randn(module.bias.shape, generator=generator) * 0.1)
     head = classifier(model)
     if isinstance(head, nn.Linear):
@@ -98,7 +98,7 @@ def _refuse(arch: str, backbone: nn.Module, groups: ChannelGroups, index: int | 
         raise ValueError(f"{arch}: cannot be pruned exactly: even with no channel removed, {cause}; {_ADVICE}")
     group = groups.groups[index]
     root = backbone.get_submodule(group.name)  # the dense original: the trial's copy may be pruned by now
-    layer = type(root).__name__ + (f" {_dims(root)[1]}->{_dims(root)[0]}" if isinstance(root, _LAYERS) else "")
+    layer = type(root).__name__ + (f" {layer_dims(root)[1]}->{layer_dims(root)[0]}" if isinstance(root, LAYERS) else "")
     units = f" in {group.width} tied units" if group.unit_of is not None else ""
     raise ValueError(f"{arch}: cannot be pruned exactly: group {group.name} ({layer}, {group.channels} channels"
                      f"{units}, {index + 1} of {len(groups)}): {cause}; {_ADVICE}")

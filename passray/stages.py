@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 
 from passray import dense_cache, engine
-from passray._cost import CostModel
+from passray.cost import CostModel
 from passray._state_io import save_state
 from passray.budget import Allocator
 from passray.config import Config, DataConfig, OptimConfig

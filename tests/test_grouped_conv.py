@@ -13,8 +13,9 @@ import torch_pruning as tp
 
 from passray.budget import Allocator
 from passray.config import BudgetConfig, ModelConfig, load_config
-from passray.export import build_groups, check_equivalence, load_pruned
-from passray.groups import count_macs_params
+from passray.equivalence import check_equivalence
+from passray.export import load_pruned
+from passray.groups import build_groups, count_macs_params
 from passray.importance import compute_scores
 from passray.models import create_backbone
 from passray.pipeline import Runtime, run
@@ -188,3 +189,25 @@ def test_pass_search_on_a_grouped_backbone_exports_and_reloads(tmp_path: Path) -
     with torch.no_grad():
         torch.testing.assert_close(net(x), again(x), rtol=0, atol=0)
     assert results["pruned_macs"] == pytest.approx(results["macs_ratio"] * results["dense_macs"], rel=1e-9)
+
+
+def test_latency_tables_time_grouped_convs_at_widths_they_can_be_pruned_to() -> None:
+    """A grouped conv's latency varies with its kept units (multiples of its groups), so a latency
+    budget prunes tied groups too, and meets it."""
+    from passray.latency import attach
+    from passray.latency_tables import analytic_table, inspect_layers
+
+    backbone = _backbone("resnext8")
+    groups = build_groups(backbone, 32)
+    grouped = _grouped_convs(backbone)
+    specs = {s.name: s for s in inspect_layers(groups)[1]}
+    assert grouped and all(specs[n].vary_in and specs[n].vary_out for n in grouped)
+    table = analytic_table(groups, "resnext8", batch_size=8)
+    for name, conv in grouped.items():
+        counts = table.layers[name].in_counts + table.layers[name].out_counts
+        assert all(c % conv.groups == 0 for c in counts), (name, counts)
+    cost = attach(groups.cost, table)
+    allocation = Allocator(cost, BudgetConfig(kind="latency", keep_ratio=0.6, min_channels=2))(compute_scores("l1", groups))
+    assert float(allocation.ratio) <= 0.6
+    tied = [i for i, g in enumerate(groups.groups) if g.channels > g.width]
+    assert tied and any(allocation.kept[i] < groups.groups[i].width for i in tied)

@@ -16,14 +16,14 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 
-__all__ = ["CostModel", "LayerShape", "trace_layer_shapes", "traced_forward"]
+__all__ = ["LAYERS", "CostModel", "LayerShape", "is_depthwise", "layer_dims", "trace_layer_shapes", "traced_forward"]
 
-_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
 
 def is_depthwise(module: nn.Module) -> bool:
     """One filter per channel: in = out = groups, so in- and out-channels are one dimension."""
-    return isinstance(module, _LAYERS[:3]) and module.groups == module.in_channels == module.out_channels > 1
+    return isinstance(module, LAYERS[:3]) and module.groups == module.in_channels == module.out_channels > 1
 
 
 @dataclass(frozen=True)
@@ -58,14 +58,14 @@ def trace_layer_shapes(model: nn.Module, example_input: torch.Tensor) -> dict[st
             shapes[name] = LayerShape(spatial=out.numel() // (batch * channels))
         return hook
 
-    traced_forward(model, example_input, {n: record(n) for n, m in model.named_modules() if isinstance(m, _LAYERS)})
+    traced_forward(model, example_input, {n: record(n) for n, m in model.named_modules() if isinstance(m, LAYERS)})
     return shapes
 
 
-def _dims(module: nn.Module) -> tuple[int, int]:
+def layer_dims(module: nn.Module) -> tuple[int, int]:
     if isinstance(module, nn.Linear):
         return module.out_features, module.in_features
-    if isinstance(module, _LAYERS):
+    if isinstance(module, LAYERS):
         return module.out_channels, module.in_channels
     weight = getattr(module, "weight", None)
     size = weight.shape[0] if weight is not None and weight.dim() >= 1 else 0
@@ -106,7 +106,7 @@ class CostModel:
         terms = {k: torch.zeros(4, n_mod, dtype=torch.float64) for k in ("macs", "params")}
         for name in names:
             i, module = index[name], model.get_submodule(name)
-            out_size[i], in_size[i] = _dims(module)
+            out_size[i], in_size[i] = layer_dims(module)
             cls._add_terms(module, name, i, shapes, terms, controlled_out)
         widths = torch.tensor([g.width for g in groups], dtype=torch.float64)
         return cls(out_size, in_size, a_out, a_in, widths, terms,
@@ -116,16 +116,16 @@ class CostModel:
     def _add_terms(module: nn.Module, name: str, i: int, shapes: dict[str, LayerShape],
                    terms: dict[str, torch.Tensor], controlled_out: set[str]) -> None:
         depthwise = is_depthwise(module)
-        if isinstance(module, _LAYERS):
+        if isinstance(module, LAYERS):
             groups = 1 if isinstance(module, nn.Linear) else module.groups
             kernel = module.weight[0, 0].numel()
             per_position = (1, kernel) if depthwise else (0, kernel / groups)  # (row, coefficient)
             if name in shapes:  # layers that never run (aux heads in eval mode) cost no MACs, but have weights
                 terms["macs"][per_position[0], i] += per_position[1] * shapes[name].spatial
             terms["params"][per_position[0], i] += per_position[1]
-        out_channels = _dims(module)[0]
+        out_channels = layer_dims(module)[0]
         for pname, p in module.named_parameters(recurse=False):
-            if pname == "weight" and isinstance(module, _LAYERS):
+            if pname == "weight" and isinstance(module, LAYERS):
                 continue
             if name in controlled_out and p.dim() >= 1 and p.shape[0] == out_channels:
                 terms["params"][1, i] += p.numel() / out_channels
