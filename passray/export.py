@@ -26,15 +26,14 @@ from safetensors.torch import load_file, save_file
 from passray._cli import run_cli
 from passray._state_io import atomic_directory, load_tensors
 from passray.config import ModelConfig
-from passray.equivalence import check_equivalence, exact_fp32
+from passray.equivalence import check_equivalence
 from passray.groups import ChannelGroups, build_groups, count_macs_params
 from passray.models import backbone_id, create_backbone
 from passray.network import PrunableNet
 from passray.prompts import VisualPrompt
 from passray.search_plot import plot_search
 
-__all__ = ["ONNX_FILE", "ONNX_OPSET", "ONNX_OPSETS", "STRUCTURE_VERSION", "OnnxUnavailable", "atomic_directory",
-           "exact_fp32", "build_groups", "check_equivalence", "load_pruned", "load_tensors", "main",
+__all__ = ["ONNX_FILE", "ONNX_OPSET", "ONNX_OPSETS", "STRUCTURE_VERSION", "OnnxUnavailable", "load_pruned", "main",
            "masks_from_structure", "measure", "save_pruned", "structure_record", "to_onnx"]
 
 STRUCTURE_VERSION = 1

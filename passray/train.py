@@ -43,9 +43,8 @@ from ray.train.torch import TorchTrainer
 
 from passray._cli import (TABLE_COLUMNS, config_record, format_table, load_from_args, make_parser, refuse_other_config,
                           run_cli)
-from passray._state_io import check_writable, load_state
+from passray._state_io import atomic_directory, check_writable, load_state
 from passray.config import Config, ConfigError, validate
-from passray.export import atomic_directory
 from passray.pipeline import Runtime, run
 from passray.tracking import scalar_metrics
 

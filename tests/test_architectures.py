@@ -22,7 +22,10 @@ import torchvision
 from passray._cli import run_cli
 from passray.budget import Allocator
 from passray.config import BudgetConfig, ModelConfig, load_config
-from passray.export import build_groups, check_equivalence, load_pruned, load_tensors
+from passray._state_io import load_tensors
+from passray.equivalence import check_equivalence
+from passray.export import load_pruned
+from passray.groups import build_groups
 from passray.groups import count_macs_params
 from passray.models import create_backbone
 from passray.pipeline import Runtime, run

@@ -102,7 +102,8 @@ def test_wrong_expected_backbone_and_corrupt_files(exported, tmp_path: Path) -> 
 def _pruned_export(directory: Path, arch: str, image_size: int, width: float = 1.0) -> Path:
     """A real export of a randomly pruned backbone (random BN statistics, a non-zero pad prompt): seconds to build."""
     from passray.config import ModelConfig
-    from passray.export import build_groups, structure_record
+    from passray.export import structure_record
+    from passray.groups import build_groups
     from passray.models import create_backbone
     from passray.network import PrunableNet
     from passray.prompts import VisualPrompt

@@ -9,7 +9,8 @@ import torch
 
 from passray.budget import Allocator
 from passray.config import BudgetConfig, ModelConfig
-from passray.export import build_groups, check_equivalence
+from passray.equivalence import check_equivalence
+from passray.groups import build_groups
 from passray.groups import ChannelGroups, count_macs_params
 from passray.models import create_backbone
 from passray.prunability import check_prunable

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from passray.budget import Allocator
 from passray.config import BudgetConfig, ModelConfig
-from passray.export import build_groups
+from passray.groups import build_groups
 from passray.hypernet import PassHypernet, PassPruner, group_statistics, load_hypernet, save_hypernet
 from passray.models import create_backbone
 from passray.network import PrunableNet

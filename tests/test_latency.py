@@ -16,7 +16,7 @@ import torch
 from passray import latency, profile
 from passray.budget import Allocator
 from passray.config import BudgetConfig, ModelConfig
-from passray.export import build_groups
+from passray.groups import build_groups
 from passray.importance import compute_scores
 from passray.models import create_backbone
 
