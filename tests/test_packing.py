@@ -62,9 +62,27 @@ def test_cpus_bound_concurrency_too(ray_gpus, tmp_path: Path) -> None:
     assert trial_resources(_cfg(tmp_path, num_workers=1)) == [{"CPU": 0.5}, {"CPU": 1.0, "GPU": 1.0}]  # no share: whole
 
 
+def _settled_fixed_size(ray) -> None:
+    """Wait (at most 30 s) until the cluster's autoscaler status says it cannot grow: the refusal is
+    withheld while a status reads otherwise, and a busy machine's monitor reports late."""
+    import time
+
+    from ray._private.ray_constants import DEBUG_AUTOSCALING_STATUS
+    from ray.experimental.internal_kv import _internal_kv_get
+
+    from passray.train import _cluster_may_grow
+
+    deadline = time.monotonic() + 30
+    while _cluster_may_grow():
+        status = _internal_kv_get(DEBUG_AUTOSCALING_STATUS)
+        assert time.monotonic() < deadline, f"a local ray.init cluster still reads as growable: {status!r}"[:500]
+        time.sleep(0.5)
+
+
 def test_trial_the_cluster_cannot_hold_is_refused_naming_the_key(ray_gpus, tmp_path: Path) -> None:
     from passray.tune import check_trial_fits
 
+    _settled_fixed_size(ray_gpus)
     check_trial_fits(_cfg(tmp_path, gpus_per_worker=0.25))
     for cfg, key in ((_cfg(tmp_path, gpus_per_worker=0.25).derive({"tune.cpus_per_trial": CPUS + 1}),
                       "tune.cpus_per_trial"),
