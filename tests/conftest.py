@@ -12,11 +12,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -26,8 +28,8 @@ from pathlib import Path
 # in-process tests 3-7x slower (test_hypernet.py: 89 s spinning, 18 s passive, 15 s on one thread).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no tqdm bars in test logs
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # tests never phone home
@@ -61,6 +63,29 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def run_together(*commands: list[str], timeout: float, **popen) -> list[subprocess.CompletedProcess]:
+    """Independent CLI runs, started at once: each spends its first seconds importing torch (and Ray),
+    one core each, so two take about the time of one. Output goes to files, not pipes: a full pipe
+    would stall a process (maybe holding a lock the others wait for) until its turn to be read."""
+    with contextlib.ExitStack() as stack:
+        logs = [[stack.enter_context(tempfile.TemporaryFile("w+")) for _stream in ("out", "err")] for _ in commands]
+        procs = [subprocess.Popen(command, stdout=out, stderr=err, text=True, **popen)
+                 for command, (out, err) in zip(commands, logs)]
+        try:
+            deadline = time.monotonic() + timeout
+            for proc in procs:
+                proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+        finally:
+            for proc in procs:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+        for log in (f for pair in logs for f in pair):
+            log.seek(0)
+        return [subprocess.CompletedProcess(proc.args, proc.returncode, out.read(), err.read())
+                for proc, (out, err) in zip(procs, logs)]
 
 
 def _healthy(uri: str) -> bool:

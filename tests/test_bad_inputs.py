@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import run_together
 from PIL import Image
 
 from passray import profile
@@ -101,11 +102,10 @@ def test_bad_input_is_one_line_and_writes_nothing(name: str, tmp_path: Path, tmp
 
 
 def test_real_cli_error_exit_code_and_help(tmp_path: Path) -> None:
-    bad = subprocess.run([sys.executable, "-m", "passray.prune", "--set", "budget.keep_ratio=2"],
-                         capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    bad, helped = run_together([sys.executable, "-m", "passray.prune", "--set", "budget.keep_ratio=2"],
+                               [sys.executable, "-m", "passray.prune", "--help"], cwd=tmp_path, timeout=120)
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "budget.keep_ratio" in bad.stderr
-    assert list(tmp_path.iterdir()) == []
-    helped = subprocess.run([sys.executable, "-m", "passray.prune", "--help"], capture_output=True, text=True, timeout=120)
+    assert list(tmp_path.iterdir()) == []  # neither wrote anything
     assert helped.returncode == 0
     for key in ("budget.keep_ratio", "hypernet.hidden_size", "prompt.kind", "data.root", "train.num_workers"):
         assert key in helped.stdout

@@ -4,7 +4,8 @@ The YAMLs are checked against what the *installed* Ray accepts (the autoscaler's
 schema and its own ``validate_config``, ``RuntimeEnv``'s fields, the excludes matcher
 ``ray job submit`` uses), and every pinned Ray version must equal ``ray.__version__``,
 so bumping Ray in pyproject.toml fails here until cluster/ follows. The ``ray``-marked
-test starts the real two-node cluster of ``cluster/local.sh`` and tears it down.
+tests start the real two-node cluster of ``cluster/local.sh`` (with its MLflow server) once,
+run ``passray.tune`` on it through ``ray job submit``, and tear it down.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -29,7 +31,9 @@ ray = pytest.importorskip("ray")
 jsonschema = pytest.importorskip("jsonschema")
 
 import ray.autoscaler  # noqa: E402  (after the importorskip above)
+from conftest import CACHE_ENV  # noqa: E402
 from ray.runtime_env import RuntimeEnv  # noqa: E402
+from test_tune import CONSOLE_LINES_4_TRIALS, _mlflow_runs, _write  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER = REPO / "cluster"
@@ -297,9 +301,22 @@ def session_processes(sid: int) -> list[str]:
             if int(row[0]) == sid and not row[1].startswith("Z")]
 
 
-@pytest.fixture
-def local_cluster(tmp_path: Path) -> Iterator[dict[str, str]]:
-    """Environment for cluster/local.sh with a private state dir and non-default ports."""
+@dataclass(frozen=True)
+class LocalCluster:
+    env: dict[str, str]  # what local.sh was run with
+    exports: dict[str, str]  # what `local.sh up` printed for clients
+    state: Path  # its state dir (pids, session ids, logs)
+
+    @property
+    def client_env(self) -> dict[str, str]:
+        return {**self.env, **self.exports}
+
+
+@pytest.fixture(scope="module")
+def local_cluster(tmp_path_factory: pytest.TempPathFactory, session_caches: Path) -> Iterator[LocalCluster]:
+    """One ``local.sh up`` for the module (a cluster start costs tens of seconds on 2 cores): private state
+    dir, non-default ports, 1 CPU per node. Its tests run in file order: ``up``'s promises, jobs on it,
+    then ``down`` (which the teardown repeats, harmlessly, for a test run alone)."""
     if not sys.platform.startswith("linux"):
         pytest.skip("local.sh is Linux-only")
     bindir = str(Path(sys.executable).parent)
@@ -308,8 +325,9 @@ def local_cluster(tmp_path: Path) -> Iterator[dict[str, str]]:
     ray_tmp = tempfile.mkdtemp(prefix="prt-", dir="/tmp")  # short: unix socket paths
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "PASSRAY_", "MLFLOW_"))}
     env.update(
+        {variable: str(session_caches / name) for name, variable in CACHE_ENV.items()},  # jobs' caches: not ~/.cache
         PATH=f"{bindir}{os.pathsep}{env.get('PATH', '')}",
-        PASSRAY_LOCAL_DIR=str(tmp_path / "state"),
+        PASSRAY_LOCAL_DIR=str(tmp_path_factory.mktemp("local_sh") / "state"),
         PASSRAY_RAY_TMPDIR=ray_tmp,
         PASSRAY_RAY_PORT=str(free_port()),
         PASSRAY_DASHBOARD_PORT=str(free_port()),
@@ -322,35 +340,38 @@ def local_cluster(tmp_path: Path) -> Iterator[dict[str, str]]:
         PASSRAY_MLFLOW_WORKERS="1",
     )
     try:
-        yield env
+        up = subprocess.run([str(CLUSTER / "local.sh"), "up"], env=env, capture_output=True, text=True, timeout=150)
+        assert up.returncode == 0, up.stderr[-3000:]
+        exports = dict(re.findall(r"^export (\w+)=(\S+)$", up.stdout, flags=re.MULTILINE))
+        yield LocalCluster(env, exports, Path(env["PASSRAY_LOCAL_DIR"]))
     finally:
         subprocess.run([str(CLUSTER / "local.sh"), "down"], env=env, capture_output=True, timeout=120)
         shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
+def _submit(cluster: LocalCluster, working_dir: Path, *command: str, timeout: int) -> subprocess.CompletedProcess:
+    """``ray job submit`` through the token-protected job API, as a user does after ``eval "$(local.sh up)"``."""
+    return subprocess.run(["ray", "job", "submit", "--address", cluster.exports["RAY_API_SERVER_ADDRESS"],
+                           "--working-dir", str(working_dir), "--", *command], env=cluster.client_env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
 @pytest.mark.ray
 @pytest.mark.mlflow_server
-def test_local_sh_up_status_job_down(local_cluster: dict[str, str], tmp_path: Path) -> None:
-    env = local_cluster
-    script = str(CLUSTER / "local.sh")
-    state = Path(env["PASSRAY_LOCAL_DIR"])
-
-    up = subprocess.run([script, "up"], env=env, capture_output=True, text=True, timeout=150)
-    assert up.returncode == 0, up.stderr[-3000:]
-    exports = dict(re.findall(r"^export (\w+)=(\S+)$", up.stdout, flags=re.MULTILINE))
+def test_local_sh_up_starts_two_nodes_and_mlflow(local_cluster: LocalCluster, tmp_path: Path) -> None:
+    env, exports = local_cluster.env, local_cluster.exports
     assert exports["RAY_API_SERVER_ADDRESS"] == f"http://127.0.0.1:{env['PASSRAY_DASHBOARD_PORT']}"
     assert exports["RAY_ADDRESS"] == f"127.0.0.1:{env['PASSRAY_RAY_PORT']}"
     assert exports["MLFLOW_TRACKING_URI"] == f"http://127.0.0.1:{env['PASSRAY_MLFLOW_PORT']}"
     assert exports["RAY_AUTH_MODE"] == "token"
     assert Path(exports["RAY_AUTH_TOKEN_PATH"]).stat().st_mode & 0o077 == 0, "token readable by others"
-    sessions = {name: int((state / f"{name}.sid").read_text()) for name in ("head", "node2", "mlflow")}
 
     with urllib.request.urlopen(f"{exports['MLFLOW_TRACKING_URI']}/health", timeout=10) as resp:
         assert resp.status == 200
 
-    client_env = {**env, **exports}
     for _ in range(15):  # `ray status` (the autoscaler's view) lags the dashboard's node list local.sh waits on
-        status = subprocess.run(["ray", "status"], env=client_env, capture_output=True, text=True, timeout=60)
+        status = subprocess.run(["ray", "status"], env=local_cluster.client_env, capture_output=True, text=True,
+                                timeout=60)
         assert status.returncode == 0, status.stderr[-2000:]
         if len(re.findall(r"^\s*1 node_[0-9a-f]+", status.stdout, flags=re.MULTILINE)) == 2:
             break
@@ -358,8 +379,7 @@ def test_local_sh_up_status_job_down(local_cluster: dict[str, str], tmp_path: Pa
     assert len(re.findall(r"^\s*1 node_[0-9a-f]+", status.stdout, flags=re.MULTILINE)) == 2
     assert "node2" in status.stdout  # the custom resource of the second node
 
-    # A job through the token-protected job API lands on a 2-node cluster and inherits
-    # MLFLOW_TRACKING_URI on the second node.
+    # A job lands on a 2-node cluster and inherits MLFLOW_TRACKING_URI on the second node.
     (tmp_path / "job").mkdir()
     (tmp_path / "job" / "probe.py").write_text(
         "import os, ray\n"
@@ -369,15 +389,71 @@ def test_local_sh_up_status_job_down(local_cluster: dict[str, str], tmp_path: Pa
         "    return os.environ.get('MLFLOW_TRACKING_URI')\n"
         "print('NODES', len([n for n in ray.nodes() if n['Alive']]), 'URI', ray.get(uri.remote()))\n"
     )
-    job = subprocess.run(
-        ["ray", "job", "submit", "--working-dir", str(tmp_path / "job"), "--", "python", "probe.py"],
-        env=client_env, capture_output=True, text=True, timeout=120,
-    )
+    job = _submit(local_cluster, tmp_path / "job", "python", "probe.py", timeout=120)
     assert job.returncode == 0, (job.stdout + job.stderr)[-3000:]
     assert f"NODES 2 URI {exports['MLFLOW_TRACKING_URI']}" in job.stdout
 
-    again = subprocess.run([script, "up"], env=env, capture_output=True, text=True, timeout=60)
+    again = subprocess.run([str(CLUSTER / "local.sh"), "up"], env=env, capture_output=True, text=True, timeout=60)
     assert again.returncode == 0 and "already up" in again.stderr
+
+
+@pytest.mark.ray
+@pytest.mark.mlflow_server
+@pytest.mark.slow
+def test_ray_job_submit_runs_tune_trials_on_both_nodes(local_cluster: LocalCluster, tmp_path: Path) -> None:
+    import mlflow
+
+    uri = local_cluster.exports["MLFLOW_TRACKING_URI"]
+    path = _write(tmp_path, tune__num_samples=4, tune__max_concurrent_trials=4, tracking__uri=uri,
+                  tracking__experiment="job-submit")
+    job = _submit(local_cluster, REPO, "python", "-m", "passray.tune", "--config", str(path), timeout=900)
+    assert job.returncode == 0 and "succeeded" in job.stdout, (job.stdout[-3000:], job.stderr[-2000:])
+    console = job.stdout + job.stderr
+    assert console.count("\n") < CONSOLE_LINES_4_TRIALS, console  # the live table, not a config dump per trial
+    assert "tensorboard" not in console.lower() and "base/" not in console
+    exp = tmp_path / "ray_results" / "tiny"
+    results = json.loads((exp / "results.json").read_text())
+    trials = results["trials"]
+    assert len(trials) == 4 and all(t["status"] == "done" for t in trials)
+    assert len({t["node_id"] for t in trials}) == 2, "trials did not use both nodes"
+    folders = dict(p.name.split("_", 1) for p in exp.iterdir() if p.is_dir())  # trial id -> sampled values
+    for t in trials:  # the sampled values, not the base config's
+        sampled = {f"size={t['prompt.size']}", f"keep_ratio={t['budget.keep_ratio']:.4g}"}
+        assert set(folders[t["trial"]].split(",")) == sampled
+    dense = results["dense"]  # the driver's dense training; the trials re-measured it (a sample may flip)
+    assert dense["macs_ratio"] == 1.0
+    assert dense["val_accuracy"] == pytest.approx(trials[0]["dense_val_accuracy"], abs=0.02)
+    runs = _mlflow_runs(uri, "job-submit")
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
+    assert len(parents) == 1 and len(children) == 4
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    for child in children:
+        assert child.info.status == "FINISHED"
+        assert {"val_accuracy", "macs_ratio", "test_accuracy"} <= set(child.data.metrics)
+        assert len(client.get_metric_history(child.info.run_id, "val_accuracy")) >= 2  # per epoch
+        logged = {a.path for a in client.list_artifacts(child.info.run_id)}
+        assert any("export" in p for p in logged) and "config.yaml" in logged, logged
+    parent_artifacts = {a.path for a in client.list_artifacts(parents[0].info.run_id)}
+    assert {"pareto.png", "results.json"} <= parent_artifacts
+
+
+@pytest.mark.ray
+def test_failed_tune_job_reports_failure(local_cluster: LocalCluster, tmp_path: Path) -> None:
+    path = _write(tmp_path, data__root=str(tmp_path / "missing"), data__name="imagefolder",
+                  tracking__uri=local_cluster.exports["MLFLOW_TRACKING_URI"])
+    job = _submit(local_cluster, REPO, "python", "-m", "passray.tune", "--config", str(path), timeout=600)
+    assert job.returncode != 0
+    assert "missing" in job.stdout + job.stderr
+
+
+@pytest.mark.ray
+@pytest.mark.mlflow_server
+def test_local_sh_down_stops_what_up_started(local_cluster: LocalCluster) -> None:
+    """Last in this file: it ends the module's cluster."""
+    script, env = str(CLUSTER / "local.sh"), local_cluster.env
+    sessions = {name: int((local_cluster.state / f"{name}.sid").read_text()) for name in ("head", "node2", "mlflow")}
+    assert all(session_processes(sid) for sid in sessions.values()), "local.sh up did not leave all three running"
 
     down = subprocess.run([script, "down"], env=env, capture_output=True, text=True, timeout=120)
     assert down.returncode == 0, down.stderr[-2000:]

@@ -1,10 +1,12 @@
 """Interrupted or bad runs never leave a false record (issue #19, "Faults").
 
-- Ctrl-C during ``passray.tune``: exit 130, partial results marked partial, MLflow runs KILLED,
-  ``--resume`` finishes the experiment (and refuses a changed config in one line).
+- ``passray.tune`` killed (-9), then Ctrl-C in its resumed run: exit 130, partial results marked
+  partial, MLflow runs KILLED, ``--resume`` finishes the experiment without re-running a finished
+  trial (and refuses a changed config in one line).
 - Two processes opening a new sqlite store at once both succeed; a half-created store is one
   line at the registry CLI.
-- ``--resume`` / a reused Ray Train run name with another config: refused in one line.
+- ``--resume`` with another config: refused in one line (a reused Ray Train run name: test_train.py's
+  resume test, on the run it has finished).
 - ``RAY_ADDRESS`` with nothing behind it and more workers than the cluster: one line, at once.
 - An unwritable ``output_dir``: refused before any compute.
 - A full disk: no truncated checkpoint or state file, a one-line error.
@@ -28,7 +30,7 @@ from pathlib import Path
 import pytest
 import ray
 
-from conftest import free_port
+from conftest import free_port, run_together
 from test_train import _cfg, ray_cluster  # noqa: F401  (a module-scoped real local Ray cluster)
 from test_tune import _write
 
@@ -131,26 +133,6 @@ def test_tune_resume_with_another_config_is_refused_before_ray_starts(tmp_path: 
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "other.db").exists()
 
 
-@pytest.mark.ray
-def test_reusing_a_run_name_with_another_model_is_refused(ray_cluster, tmp_path: Path) -> None:  # noqa: F811
-    """Without the refusal the second run loads the first one's checkpoint and dies in a worker
-    with state-dict tracebacks."""
-    from passray.train import fit
-
-    first = _cfg(tmp_path, finetune={"epochs": 0}, train={"name": "reused", "num_workers": 1})
-    _, checkpoint = fit(first)
-    snapshot = tmp_path / "ray_results" / "reused" / "checkpoint_manager_snapshot.json"
-    before = snapshot.read_text()
-    other = _cfg(tmp_path, model={"width": 0.5}, finetune={"epochs": 0}, train={"name": "reused", "num_workers": 1})
-    with pytest.raises(ConfigError, match="config key 'model.width': Ray Train run 'reused' .* started with 0.25, "
-                                          "not 0.5") as err:
-        fit(other)
-    assert "\n" not in str(err.value)
-    assert snapshot.read_text() == before and Path(checkpoint).is_dir()  # the first run is untouched
-    rerun = _cfg(tmp_path, finetune={"epochs": 0}, train={"name": "reused", "num_workers": 1, "max_failures": 2})
-    assert fit(rerun)[0]["stage"] == "done"  # how a run runs (train.*) may change when it is resumed
-
-
 # ---------------------------------------------------------------- Ray cluster
 @pytest.mark.parametrize("prog", ["passray.train", "passray.tune"])
 def test_ray_address_with_nothing_listening_fails_at_once(prog: str, tmp_path: Path) -> None:
@@ -171,10 +153,11 @@ def test_more_workers_than_the_cluster_is_refused_before_any_starts(ray_cluster,
     path = tmp_path / "run.yaml"
     path.write_text(json.dumps(cfg.to_dict()))  # JSON is YAML
     env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
-    for change, needle in (("train.num_workers=64", "64 x {'CPU': 1.0} need 64 CPU in all, but the Ray cluster has 4"),
-                           ("train.use_gpu=true", "need 2 GPU in all, but the Ray cluster has 0")):
-        proc = subprocess.run([sys.executable, "-m", "passray.train", "--config", str(path), "--set", change], env=env,
-                              capture_output=True, text=True, timeout=5 * ONE_MINUTE)
+    cases = {"train.num_workers=64": "64 x {'CPU': 1.0} need 64 CPU in all, but the Ray cluster has 4",
+             "train.use_gpu=true": "need 2 GPU in all, but the Ray cluster has 0"}
+    procs = run_together(*([sys.executable, "-m", "passray.train", "--config", str(path), "--set", change]
+                           for change in cases), env=env, timeout=5 * ONE_MINUTE)
+    for proc, needle in zip(procs, cases.values()):
         assert proc.returncode == 2, proc.stderr[-3000:]
         line = _one_error_line(proc.stderr, "passray.train")
         assert "config key 'train.num_workers'" in line and needle in line, line
@@ -228,7 +211,7 @@ def test_full_storage_leaves_no_truncated_checkpoint(ray_cluster, full_disk: Pat
     assert not [name for name in left if "checkpoint_" in name and not name.endswith(".json")], left
 
 
-# ---------------------------------------------------------------- Ctrl-C
+# ---------------------------------------------------------------- kill -9, Ctrl-C
 def _runs(uri: str, experiment: str) -> tuple[object, list]:
     import mlflow
 
@@ -239,27 +222,65 @@ def _runs(uri: str, experiment: str) -> tuple[object, list]:
     return parents[0], [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
 
 
+DONE = '"stage": "done"'
+
+
+def _reported(exp: Path) -> int:
+    """Reports the experiment's trials have written so far (one result.json line each)."""
+    return sum(p.read_text().count("\n") for p in exp.glob("*/result.json"))
+
+
+def _finished(exp: Path) -> dict[Path, int]:
+    """Result files of the trials that have finished, with their number of final reports."""
+    return {p: p.read_text().count(DONE) for p in exp.glob("*/result.json") if DONE in p.read_text()}
+
+
+def _start_tune(command: list[str], env: dict, console: Path) -> subprocess.Popen:
+    """``command`` in its own session (a signal to its group reaches all of it), output in console.out/.err."""
+    with open(console.with_suffix(".out"), "w") as out, open(console.with_suffix(".err"), "w") as err:
+        return subprocess.Popen(command, env=env, cwd=console.parent, stdout=out, stderr=err, start_new_session=True)
+
+
+def _wait_for(proc: subprocess.Popen, ready) -> None:
+    deadline = time.monotonic() + 10 * ONE_MINUTE
+    while not ready():
+        assert proc.poll() is None and time.monotonic() < deadline, proc.poll()
+        time.sleep(0.5)
+
+
 @pytest.mark.ray
 @pytest.mark.slow
-def test_ctrl_c_during_tune_is_a_partial_killed_resumable_record(tmp_path: Path) -> None:
-    path = _write(tmp_path, tune__num_samples=2, tune__max_concurrent_trials=1, pretrain__epochs=0,
-                  finetune__epochs=2, tracking__register_best=False)
+def test_killed_then_ctrl_c_tune_is_a_partial_killed_record_that_resumes_without_rerunning(tmp_path: Path) -> None:
+    """One experiment through both faults (one sweep serves both; each tune start costs Ray, MLflow
+    and a dense training): killed (-9) once a trial has finished, resumed, Ctrl-C in the resumed run,
+    resumed again to the end. ASHA may not stop a trial (grace period), so every trial must end done."""
+    path = _write(tmp_path, tune__num_samples=3, tune__max_concurrent_trials=1, tune__objective="single",
+                  tune__grace_period=1000, finetune__epochs=2)
     exp, uri = tmp_path / "ray_results" / "tiny", f"sqlite:///{tmp_path / 'mlflow.db'}"
-    env = {**os.environ, "RAY_ADDRESS": "local"}  # a fresh Ray, never another one
+    env = {**os.environ, "TUNE_GLOBAL_CHECKPOINT_S": "1", "RAY_ADDRESS": "local"}  # a fresh Ray, never another one
     command = [sys.executable, "-m", "passray.tune", "--config", str(path)]
-    with open(tmp_path / "console.txt", "w") as console:
-        proc = subprocess.Popen(command, env=env, cwd=tmp_path, stdout=console, stderr=subprocess.PIPE, text=True,
-                                start_new_session=True)
-        try:
-            deadline = time.monotonic() + 10 * ONE_MINUTE
-            while not any(p.stat().st_size for p in exp.glob("*/result.json")):  # the first trial has reported
-                assert proc.poll() is None and time.monotonic() < deadline, proc.poll()
-                time.sleep(0.5)
-            os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: the whole foreground group
-            _, stderr = proc.communicate(timeout=5 * ONE_MINUTE)
-        finally:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
+
+    # killed: nothing gets to clean up; Tune's periodic experiment state is all --resume has
+    proc = _start_tune(command, env, tmp_path / "killed")
+    try:
+        _wait_for(proc, lambda: _finished(exp))
+        time.sleep(3)  # let Tune write its experiment state
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    finished = _finished(exp)
+
+    # Ctrl-C in the resumed run, once it has reported something new
+    reported = _reported(exp)
+    proc = _start_tune([*command, "--resume", str(exp)], env, tmp_path / "interrupted")
+    try:
+        _wait_for(proc, lambda: _reported(exp) > reported)
+        os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: the whole foreground group
+        proc.wait(timeout=5 * ONE_MINUTE)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    stderr = (tmp_path / "interrupted.err").read_text()
     assert proc.returncode == 130, stderr[-3000:]
     line = stderr.strip().splitlines()[-1]  # Tune logs its stop above it
     assert line.startswith("passray.tune: interrupted:") and f"--resume {exp}" in line, stderr[-3000:]
@@ -276,10 +297,11 @@ def test_ctrl_c_during_tune_is_a_partial_killed_resumable_record(tmp_path: Path)
     assert "config key 'budget.keep_ratio'" in _one_error_line(changed.stderr, "passray.tune")
 
     resumed = subprocess.run([*command, "--resume", "ray_results/tiny"], env=env, cwd=tmp_path, capture_output=True,
-                             text=True, timeout=15 * ONE_MINUTE)
+                             text=True, timeout=15 * ONE_MINUTE)  # relative, as README shows
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert {p: p.read_text().count(DONE) for p in finished} == finished  # neither resume re-ran a finished trial
     results = json.loads((exp / "results.json").read_text())
-    assert results["partial"] is False and [t["status"] for t in results["trials"]] == ["done", "done"]
+    assert results["partial"] is False and [t["status"] for t in results["trials"]] == ["done"] * 3, results
     parent, children = _runs(uri, "tiny")
     assert parent.info.status == "FINISHED"
-    assert len(children) == 2 and {c.info.status for c in children} == {"FINISHED"}  # the killed run was resumed
+    assert len(children) == 3 and {c.info.status for c in children} == {"FINISHED"}  # killed runs were resumed

@@ -19,10 +19,11 @@ from typing import Any
 import pytest
 import torch
 import yaml
+from conftest import run_together
 from safetensors.torch import load_file
 
 from passray._state_io import load_state
-from passray.config import Config, validate
+from passray.config import Config, ConfigError, validate
 
 pytestmark = pytest.mark.ray
 
@@ -33,9 +34,10 @@ POLL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
 def ray_cluster():
     ray = pytest.importorskip("ray")
     # The controller polls workers for reports every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (2 s);
-    # passray waits for each checkpoint's commit, so a shorter poll makes tiny runs faster.
+    # passray waits for each checkpoint's commit, so a shorter poll makes tiny runs faster
+    # (a fit of 4 checkpointed reports: ~13.5 s at 0.5 s, ~11 s at 0.1 s on 2 cores).
     saved = os.environ.get(POLL_ENV)
-    os.environ[POLL_ENV] = "0.5"
+    os.environ[POLL_ENV] = "0.1"
     ray.init(num_cpus=4, include_dashboard=False)
     yield ray
     ray.shutdown()
@@ -131,11 +133,11 @@ def test_core_does_not_import_ray():
 
 
 def test_cli_help_and_bad_key_do_not_start_ray(tmp_path):
-    env_cwd = dict(cwd=tmp_path, capture_output=True, text=True, timeout=120)
-    helped = subprocess.run([sys.executable, "-m", "passray.train", "--help"], **env_cwd)
+    helped, bad = run_together([sys.executable, "-m", "passray.train", "--help"],
+                               [sys.executable, "-m", "passray.train", "--set", "train.nmu_workers=2"],
+                               cwd=tmp_path, timeout=120)
     assert helped.returncode == 0, helped.stderr
     assert "train.num_workers" in helped.stdout and "--set" in helped.stdout
-    bad = subprocess.run([sys.executable, "-m", "passray.train", "--set", "train.nmu_workers=2"], **env_cwd)
     assert bad.returncode == 2
     lines = bad.stderr.strip().splitlines()
     assert len(lines) == 1 and "train.nmu_workers" in lines[0], bad.stderr
@@ -221,7 +223,8 @@ def test_worker_death_restarts_from_last_checkpoint(ray_cluster, tmp_path):
 
 
 def test_rerun_with_same_name_resumes(ray_cluster, tmp_path, capsys):
-    """A run that dies (max_failures=0) is resumed by re-running the same (storage_path, name)."""
+    """A run that dies (max_failures=0) is resumed by re-running the same (storage_path, name), also with
+    other train.* settings (how it runs); the same name with another model is refused and leaves it alone."""
     from passray.train import copy_export, fit
 
     crash = _cfg(tmp_path, search={"epochs": 2}, finetune={"epochs": 1},
@@ -257,6 +260,18 @@ def test_rerun_with_same_name_resumes(ray_cluster, tmp_path, capsys):
     assert saved["config"]["train"]["name"] == "resume-me" and saved["result"]["stage"] == "done"
     assert Path(saved["checkpoint"]).parent == Path(ckpt).parent  # same run directory
     assert _history(saved["checkpoint"]) == [("search", 0), ("search", 1), ("finetune", 0)]  # nothing re-trained
+
+    # Without the refusal a second run loads the first one's checkpoint and dies in a worker with
+    # state-dict tracebacks.
+    snapshot = Path(tmp_path, "ray_results", "resume-me", "checkpoint_manager_snapshot.json")
+    before = snapshot.read_text()
+    other = _cfg(tmp_path, model={"width": 0.5}, search={"epochs": 2}, finetune={"epochs": 1},
+                 train={"name": "resume-me"})
+    with pytest.raises(ConfigError, match="config key 'model.width': Ray Train run 'resume-me' .* started with 0.25, "
+                                          "not 0.5") as err:
+        fit(other)
+    assert "\n" not in str(err.value)
+    assert snapshot.read_text() == before and Path(ckpt).is_dir()  # the finished run is untouched
 
 
 def test_workers_take_rank_0s_cached_dense_backbone(ray_cluster, session_caches, tmp_path, monkeypatch):
