@@ -92,18 +92,20 @@ def write_summary(results: ResultsFile) -> Path:
     """``scaling.md``: the tune rows (trials per hour, vs 1 trial per GPU) and the ddp rows (throughput,
     vs 1 GPU), each against rows of the same config and device."""
     rows = results.rows
-    lines = ["# passray scaling", "", "Trials per hour of one search (part `tune`, x: vs 1 trial per GPU on as many "
-             "GPUs) and data-parallel throughput of one run (part `ddp`, x: vs 1 GPU). Every row's command, "
-             "config and device are in `scaling.json`.", ""]
+    lines = ["# passray scaling", "", "Trials per hour of one search (part `tune`; x K: vs 1 trial per GPU on as many "
+             "GPUs, x GPUs: vs 1 GPU at as many trials per GPU) and data-parallel throughput of one run (part `ddp`, "
+             "x: vs 1 GPU). Every row's command, config and device are in `scaling.json`.", ""]
     tune = [r for r in rows if r["part"] == "tune"]
     if tune:
-        lines += ["| config | device | GPUs | trials/GPU | trials | at once | wall s | trials/h | x | best val % |"
-                  " mean val % |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+        lines += ["| config | device | GPUs | trials/GPU | trials | at once | wall s | trials/h | x K | x GPUs | "
+                  "best val % | mean val % |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in sorted(tune, key=lambda r: (r["config"], r["device"], r["gpus"], r["trials_per_gpu"])):
-            same = {"config": r["config"], "device": r["device"], "gpus": r["gpus"], "trials_per_gpu": 1}
+            same = {"config": r["config"], "device": r["device"]}
+            per_k = _speedup(r, tune, "trials_per_hour", {**same, "gpus": r["gpus"], "trials_per_gpu": 1})
+            per_gpus = _speedup(r, tune, "trials_per_hour", {**same, "gpus": 1, "trials_per_gpu": r["trials_per_gpu"]})
             lines.append(f"| {r['config']} | {r['device']} | {r['gpus']} | {r['trials_per_gpu']} | {r['trials']} | "
                          f"{r['concurrent_trials']} | {r['wall_seconds']:.0f} | {r['trials_per_hour']:.1f} | "
-                         f"{_speedup(r, tune, 'trials_per_hour', same)} | {_percent(r['best_val_accuracy'])} | "
+                         f"{per_k} | {per_gpus} | {_percent(r['best_val_accuracy'])} | "
                          f"{_percent(mean_std(r['val_accuracies'])[0])} |")
     ddp = [r for r in rows if r["part"] == "ddp"]
     if ddp:
@@ -115,6 +117,8 @@ def write_summary(results: ResultsFile) -> Path:
                      for f in ("search_images_per_second", "finetune_images_per_second")]
             lines.append(f"| {r['config']} | {r['device']} | {r['gpus']} | {r['global_batch']} | {' | '.join(rates)} | "
                          f"{r['wall_seconds']:.0f} | {_percent(r['test_accuracy'])} |")
+    if results.data.get("notes"):
+        lines += ["", f"Notes: {results.data['notes']}"]
     path = results.path.with_suffix(".md")
     path.write_text("\n".join(lines) + "\n")
     return path

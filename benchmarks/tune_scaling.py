@@ -93,6 +93,8 @@ def run_row(base, backbone: Path, per_gpu: int, trials: int, trial_workers: int,
             "trials_per_hour": round(3600 * len(done) / wall, 2),
             "best_val_accuracy": max((r["val_accuracy"] for r in done), default=None),
             "val_accuracies": [r["val_accuracy"] for r in done], "macs_ratios": [r["macs_ratio"] for r in done],
+            # each trial's own run (data, network, search, fine-tune): wall_seconds minus these is Tune's overhead
+            "trial_wall_seconds": [r.get("wall_seconds") for r in done],
             "failed_trials": trials - len(done), "config_used": cfg.to_dict(), "finished": now()}
 
 

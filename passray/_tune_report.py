@@ -112,7 +112,7 @@ def trial_rows(results, base_flat: dict[str, Any]) -> list[dict[str, Any]]:
         rows.append({"trial": metrics.get("trial_id", "-"), **{k: base_flat.get(k) for k in ROW_KEYS},
                      **(result.config or {}),
                      **{k: metrics.get(k) for k in ("macs_ratio", "val_accuracy", "test_accuracy", "dense_val_accuracy",
-                                                    "mlflow_run_id", "node_id")},
+                                                    "mlflow_run_id", "node_id", "wall_seconds")},
                      "status": "ERROR" if result.error else metrics.get("stage", "-")})
     return rows
 

@@ -97,7 +97,7 @@ class HypernetConfig(_Section):
     estimator: Literal["dropped", "straight_through"] = Field("dropped", description="gradient of a channel's score: dropped = the loss's sensitivity to adding the channel back, taken while it is dropped (its worth given the rest); straight_through = at the hard mask, kept channels too (there it is biased: shrinking any channel's output lowers a miscalibrated loss)")
     project_budget: bool = Field(True, description="remove from the mask gradient its component that would change the budget (the allocator undoes it anyway), leaving the exchange of channels at equal cost")
     warmup_epochs: int = Field(0, ge=0, description="first search epochs train only head and prompt under the prior's masks (a new head starts random; its gradients would mislead the hypernet)")
-    cuda_graph: bool = Field(True, description="on one GPU, capture the mask computation (hypernet, allocator, straight-through masks) as a CUDA graph: the same masks from two graph launches a step instead of hundreds of kernels")
+    cuda_graph: bool = Field(True, description="on one GPU (not under DDP), capture the mask computation (hypernet, allocator, straight-through masks) as a CUDA graph: the same masks from two graph launches a step instead of hundreds of kernels")
 
 
 class OptimConfig(_Section):
@@ -157,6 +157,7 @@ class TuneConfig(_Section):
     objective: Literal["single", "multi"] = Field("single", description="single: max val accuracy with ASHA; multi: accuracy vs MACs Pareto front")
     max_concurrent_trials: int | None = Field(None, ge=1, description="None: derived from cluster CPUs/GPUs and per-trial resources")
     cpus_per_trial: float = Field(1.0, gt=0, description="CPUs reserved by a trial's driver when it runs the engine in-process")
+    reuse_actors: bool = Field(True, description="start each trial in the process of a finished one (Tune's reuse_actors): no process start, imports and CUDA context per trial; false if trials leave state behind")
     grace_period: int = Field(1, ge=1, description="ASHA: epochs before a trial may be stopped")
     reduction_factor: int = Field(2, ge=2, description="ASHA: keep 1/reduction_factor of trials at each rung")
     max_trial_failures: int = Field(1, ge=0, description="retries of a failed trial")

@@ -199,8 +199,17 @@ def recalibrate_bn(model: nn.Module, loader: Iterable, device: torch.device, bat
         for m, momentum, training in saved:
             m.momentum = momentum
             m.train(training)
-    if dist.is_available() and dist.is_initialized():  # every rank saw its own shard: use the average
-        for m in norms:
-            for buffer in (m.running_mean, m.running_var):
-                dist.all_reduce(buffer)
-                buffer /= dist.get_world_size()
+    average_bn_statistics(model)  # every rank saw its own shard
+
+
+@torch.no_grad()
+def average_bn_statistics(model: nn.Module) -> None:
+    """Under DDP, BN running statistics averaged over the ranks (each estimated them on its own shard);
+    DDP does not broadcast them every step (``train._wrapper``), so a stage syncs them before it evaluates.
+    A no-op without torch.distributed."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    for m in _batch_norms(model):
+        for buffer in (m.running_mean, m.running_var):
+            dist.all_reduce(buffer)
+            buffer /= dist.get_world_size()

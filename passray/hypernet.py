@@ -248,6 +248,8 @@ class PassPruner(nn.Module):
     straight-through masks; forward and backward) is captured once as a CUDA graph and replayed
     every step. It is the same computation, launched as two graphs instead of hundreds of tiny
     kernels that left the GPU waiting on the host. Temperature and noise are inputs of the graph.
+    Not under DDP: there the capture fails (cudaErrorStreamCaptureInvalidated on H200 x2, NCCL's
+    watchdog thread queries events while ``make_graphed_callables`` captures in global mode).
     """
 
     def __init__(self, hypernet: PassHypernet, groups: ChannelGroups, allocator: Allocator,

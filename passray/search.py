@@ -95,7 +95,8 @@ def search_pass(ctx: RunContext) -> None:
     ctx.hypernet.requires_grad_(not ctx.rt.freeze_hypernet)
     params = [{"params": list(ctx.hypernet.parameters()), "lr": cfg.hypernet.lr or cfg.search.lr},
               {"params": [*net.prompt.parameters(), *head.parameters()]}]
-    ctx.fit("search", searching, params, cfg.search, on_epoch_start=start_epoch, evaluate=masked_eval, on_step=anneal)
+    ctx.fit("search", searching, params, cfg.search, on_epoch_start=start_epoch, evaluate=masked_eval, on_step=anneal,
+            varying=cfg.hypernet.warmup_epochs > 0)  # warm-up epochs leave the hypernet out of the loss
     # 6. the best masks (initial ones included; val is for decisions), with that epoch's head and prompt
     ctx.masks = masks_from_kept(record.best_kept, ctx.groups.widths, ctx.device)
     state.results["search_best_val_accuracy"] = record.best_accuracy

@@ -63,7 +63,8 @@ class Runtime:
     rank: int = 0
     world_size: int = 1
     device: torch.device | None = None
-    wrap: Callable[[nn.Module], nn.Module] = lambda m: m  # DDP under Ray Train
+    # DDP under Ray Train; its flag: the parameters that reach the loss change between steps (PASS's warm-up)
+    wrap: Callable[[nn.Module, bool], nn.Module] = lambda m, varying: m
     reporter: Reporter = field(default_factory=NullReporter)
     restored: dict[str, Any] | None = None  # state of the last checkpoint, if resuming
     progress: bool = True
@@ -137,8 +138,10 @@ class RunContext:
     # -------------------------------------------------------------- the epoch loop
     def fit(self, stage: str, module: nn.Module, params: list, ocfg: OptimConfig,
             on_epoch_start: Callable[[int], None] | None = None, evaluate: Callable[[], dict] | None = None,
-            on_step: Callable[[int], None] | None = None, distill: engine.Distillation | None = None) -> None:
-        """Epoch loop shared by pretrain, search and fine-tune; resumes mid-stage."""
+            on_step: Callable[[int], None] | None = None, distill: engine.Distillation | None = None,
+            varying: bool = False) -> None:
+        """Epoch loop shared by pretrain, search and fine-tune; resumes mid-stage. ``varying``: which
+        parameters reach the loss may change from step to step (``Runtime.wrap`` tells DDP)."""
         state, loaders = self.state, self.loaders
         if ocfg.epochs == 0 or state.done(stage, ocfg.epochs - 1):
             return
@@ -149,7 +152,7 @@ class RunContext:
             self.optimizer.load_state_dict(self.restored["optimizer"])
             self.scheduler.load_state_dict(self.restored["scheduler"])
             first = state.epoch + 1
-        wrapped = self.rt.wrap(module)
+        wrapped = self.rt.wrap(module, varying)
         for epoch in range(first, ocfg.epochs):
             loaders.train.set_epoch(state.global_step + epoch)
             wrapped.train()
@@ -171,6 +174,7 @@ class RunContext:
                                      desc=f"{stage} {epoch + 1}/{ocfg.epochs}", progress=self.rt.progress)
             seconds = time.perf_counter() - tic  # run_epoch ends in a host read: the device is done
             state.global_step += len(loaders.train)
+            engine.average_bn_statistics(module)
             val = evaluate() if evaluate else self.evaluate(module, "val")
             state.stage, state.epoch = stage, epoch
             state.results[f"{stage}_val_accuracy"] = val["accuracy"]

@@ -133,16 +133,23 @@ def _die(message: str) -> None:
     os._exit(1)
 
 
-def _wrapper(world_size: int, device: torch.device) -> Callable[[nn.Module], nn.Module]:
+def _wrapper(world_size: int, device: torch.device) -> Callable[[nn.Module, bool], nn.Module]:
     """DDP via ``prepare_model`` when distributed, else only a move to the device.
 
-    ``find_unused_parameters``: the hypernet/prompt parameters do not reach the loss in
-    every step, and the frozen backbone holds requires_grad=False parameters.
+    A stage whose trained parameters all reach the loss the same way every step (pretrain, search
+    without warm-up, fine-tune) runs with ``static_graph``: DDP records the used set once instead of
+    searching the autograd graph for unused parameters after every forward. PASS's warm-up leaves
+    the hypernet out of the loss for its first epochs (``varying``): ``find_unused_parameters`` then.
+    Gradients are views into DDP's buckets (no copy in and out), and BN running statistics are not
+    broadcast from rank 0 before every forward: each rank keeps its own, and ``RunContext.fit``
+    averages them at the end of each epoch, before evaluation (as timm's ``distribute_bn``). On a
+    small network, every step is launch-bound and these per-step extras are what DDP costs.
     """
     if world_size == 1:
-        return lambda module: module.to(device)
-    return lambda module: ray.train.torch.prepare_model(
-        module, parallel_strategy_kwargs={"find_unused_parameters": True})
+        return lambda module, varying: module.to(device)
+    return lambda module, varying: ray.train.torch.prepare_model(module, parallel_strategy_kwargs={
+        "find_unused_parameters": varying, "static_graph": not varying, "gradient_as_bucket_view": True,
+        "broadcast_buffers": False})
 
 
 def train_fn_per_worker(config: dict[str, Any]) -> None:

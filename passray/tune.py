@@ -215,14 +215,16 @@ def _tune_config(cfg: Config, slots: int):
     if cfg.tune.objective == "multi":
         searcher = OptunaSearch(metric=["val_accuracy", "macs_ratio"], mode=["max", "min"], seed=cfg.seed)
         return tune.TuneConfig(search_alg=searcher, num_samples=cfg.tune.num_samples, max_concurrent_trials=slots,
-                               trial_name_creator=trial_name, trial_dirname_creator=trial_name)
+                               reuse_actors=cfg.tune.reuse_actors, trial_name_creator=trial_name,
+                               trial_dirname_creator=trial_name)
     # max_t well above any trial's number of reports (epochs are searchable): ASHA only stops at
     # its rungs, and a trial that finishes reports its final, exported result.
     scheduler = ASHAScheduler(max_t=10_000, grace_period=cfg.tune.grace_period,
                               reduction_factor=cfg.tune.reduction_factor)
     return tune.TuneConfig(metric="val_accuracy", mode="max", search_alg=OptunaSearch(seed=cfg.seed),
                            scheduler=scheduler, num_samples=cfg.tune.num_samples, max_concurrent_trials=slots,
-                           trial_name_creator=trial_name, trial_dirname_creator=trial_name)
+                           reuse_actors=cfg.tune.reuse_actors, trial_name_creator=trial_name,
+                           trial_dirname_creator=trial_name)
 
 
 @contextlib.contextmanager

@@ -206,7 +206,7 @@ def test_models_are_logged_as_code_without_pickle(store, scenario):
 
 
 def test_unknown_names_aliases_versions_raise_one_line(store, scenario):
-    cases = {f"models:/passray-hypernet-nope@champion": "unknown registered model 'passray-hypernet-nope'",
+    cases = {"models:/passray-hypernet-nope@champion": "unknown registered model 'passray-hypernet-nope'",
              f"models:/{HYPERNET}@no-such-alias": r"has no alias 'no-such-alias' \(its aliases: champion, champion-k30",
              f"models:/{HYPERNET}/99": r"has no version 99 \(its versions: 1, 2, 3\)",
              HYPERNET: "names no version or alias: write models:/NAME@ALIAS",

@@ -256,3 +256,21 @@ def test_shared_dense_training_runs_on_a_gpu_worker_when_trials_use_gpus(ray_wit
     out = pretrain_on_cluster(cfg, tmp_path / "backbone.safetensors")
     assert out["gpus"] == ["0"] and out["node"]
     assert (tmp_path / "backbone.safetensors").is_file() and 0.0 <= out["test_accuracy"] <= 1.0
+
+
+@pytest.mark.ray
+def test_trials_reuse_the_process_of_a_finished_trial(ray_with_a_gpu, tmp_path: Path) -> None:
+    """tune.reuse_actors (default): the second trial runs in the first one's process (no new process,
+    imports and CUDA context per trial), and still gets its own sampled values and MLflow run."""
+    from passray.tune import main
+
+    path = _write(tmp_path, tune__num_samples=2, tune__max_concurrent_trials=1, finetune__epochs=0)
+    rows = main(["--config", str(path)])
+    trials = [r for r in rows if r["status"] == "done"]
+    assert len(trials) == 2 and trials[0]["prompt.size"] is not None
+    pids = set()
+    for result in (tmp_path / "ray_results" / "tiny").glob("*/result.json"):
+        pids |= {json.loads(line)["pid"] for line in result.read_text().splitlines() if line.strip()}
+    assert len(pids) == 1, pids
+    children = [r for r in _mlflow_runs(f"sqlite:///{tmp_path / 'mlflow.db'}", "tiny") if "mlflow.parentRunId" in r.data.tags]
+    assert sorted(c.info.status for c in children) == ["FINISHED", "FINISHED"]
