@@ -254,8 +254,10 @@ def test_killed_then_ctrl_c_tune_is_a_partial_killed_record_that_resumes_without
     """One experiment through both faults (one sweep serves both; each tune start costs Ray, MLflow
     and a dense training): killed (-9) once a trial has finished, resumed, Ctrl-C in the resumed run,
     resumed again to the end. ASHA may not stop a trial (grace period), so every trial must end done."""
+    # A new process per trial (no reuse_actors): a reused process runs these tiny trials in about a second
+    # each, and all three would end within the 3 s the kill waits for Tune's experiment state.
     path = _write(tmp_path, tune__num_samples=3, tune__max_concurrent_trials=1, tune__objective="single",
-                  tune__grace_period=1000, finetune__epochs=2)
+                  tune__grace_period=1000, finetune__epochs=2, tune__reuse_actors=False)
     exp, uri = tmp_path / "ray_results" / "tiny", f"sqlite:///{tmp_path / 'mlflow.db'}"
     env = {**os.environ, "TUNE_GLOBAL_CHECKPOINT_S": "1", "RAY_ADDRESS": "local"}  # a fresh Ray, never another one
     command = [sys.executable, "-m", "passray.tune", "--config", str(path)]

@@ -274,3 +274,15 @@ def test_trials_reuse_the_process_of_a_finished_trial(ray_with_a_gpu, tmp_path: 
     assert len(pids) == 1, pids
     children = [r for r in _mlflow_runs(f"sqlite:///{tmp_path / 'mlflow.db'}", "tiny") if "mlflow.parentRunId" in r.data.tags]
     assert sorted(c.info.status for c in children) == ["FINISHED", "FINISHED"]
+
+
+def test_a_trial_process_decodes_its_data_once() -> None:
+    """What a reused trial process keeps: the decoded splits of the last data config, not one per trial."""
+    from passray.config import load_config
+    from passray.tune import trial_data
+
+    cfg = load_config(None, ["data.name=digits", "data.limit_train=64"])
+    first = trial_data(cfg.data)
+    assert trial_data(cfg.data.model_copy()) is first
+    other = trial_data(cfg.data.model_copy(update={"limit_train": 32}))
+    assert other is not first and len(other.train) == 32 and len(first.train) == 64
