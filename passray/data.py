@@ -9,6 +9,7 @@ Nothing here imports ray or mlflow.
 
 from __future__ import annotations
 
+import functools
 import io
 import tarfile
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ __all__ = [
     "TensorLoader",
     "available_datasets",
     "load_dataset",
+    "load_dataset_kept",
     "make_loaders",
     "register_dataset",
 ]
@@ -95,6 +97,18 @@ def load_dataset(cfg: DataConfig) -> Dataset:
     train, val = _carve_val(train_full, cfg.val_fraction, cfg.seed, cfg.limit_train)
     mean, std = _channel_stats(train.images)
     return Dataset(cfg.name, train, val, test, len(names), list(names), mean, std)
+
+
+@functools.lru_cache(maxsize=1)
+def _kept(data: str) -> Dataset:
+    return load_dataset(DataConfig.model_validate_json(data))
+
+
+def load_dataset_kept(cfg: DataConfig) -> Dataset:
+    """``load_dataset``, kept in this process for the next call with the same config: a Tune trial process
+    reused for the next trial (``tune.reuse_actors``) decodes its data once, not once per trial. One
+    dataset is kept (another config replaces it); callers only read the splits."""
+    return _kept(cfg.model_dump_json())
 
 
 def _select_classes(train: Split, test: Split, names: list[str], classes: list[int]) -> tuple[Split, Split, list[str]]:

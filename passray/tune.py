@@ -21,7 +21,6 @@ is 130, and --resume continues (a second Ctrl-C skips Tune's last save).
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import math
 import os
@@ -38,14 +37,14 @@ from passray._cli import config_record, load_from_args, make_parser, next_free, 
 from passray._state_io import check_writable, write_atomically
 from passray._tune_report import (PARTIAL_NOTE, TrialTable, dense_row, pareto_front, trial_name, trial_rows,
                                   write_results)
-from passray.config import Config, ConfigError, DataConfig
-from passray.data import Dataset, load_dataset
+from passray.config import Config, ConfigError
+from passray.data import load_dataset_kept
 from passray.pipeline import Runtime, pretrain, run
 from passray.tracking import Tracker, resolve_uri, scalar_metrics
 from passray.train import assigned_gpu, check_cluster_fits, connect_ray, copy_export, fit, storage_uri, worker_resources
 
 __all__ = ["EXPERIMENT_FILE", "build_space", "check_tracking_reaches_trials", "check_trial_fits", "concurrent_trials",
-           "experiment_config", "main", "pareto_front", "pretrain_on_cluster", "trainable", "trial_data", "trial_resources"]
+           "experiment_config", "main", "pareto_front", "pretrain_on_cluster", "trainable", "trial_resources"]
 
 EXPERIMENT_FILE = "passray_tune.json"  # in the experiment folder: its config record, dense result, MLflow parent
 # Where an experiment lives, not what it computes: --resume names its folder (which may have moved,
@@ -178,18 +177,6 @@ def _restored() -> dict[str, Any] | None:
         return load_state(directory)
 
 
-@functools.lru_cache(maxsize=1)
-def _decoded(data: str) -> Dataset:
-    return load_dataset(DataConfig.model_validate_json(data))
-
-
-def trial_data(cfg: DataConfig) -> Dataset:
-    """An in-process trial's data, decoded once per trial process: with ``tune.reuse_actors`` the next
-    trial of the same data config (every trial, unless the space searches ``data.*``) takes it as it is
-    (the splits are only read). One dataset is kept: another data config replaces it."""
-    return _decoded(cfg.model_dump_json())
-
-
 def run_trial(values: dict[str, Any], *, job: dict[str, Any]) -> None:
     """Tune's trainable: one pruning job for one point of the search space.
 
@@ -203,7 +190,7 @@ def run_trial(values: dict[str, Any], *, job: dict[str, Any]) -> None:
     try:
         if cfg.train.num_workers == 0:
             run(cfg, Runtime(device=assigned_gpu(), reporter=_TuneReporter(tracker, child, cfg), restored=_restored(),
-                             progress=False, load_data=trial_data))
+                             progress=False, load_data=load_dataset_kept))
         else:
             from ray.tune.integration.ray_train import TuneReportCallback
 

@@ -261,13 +261,15 @@ def test_shared_dense_training_runs_on_a_gpu_worker_when_trials_use_gpus(ray_wit
 @pytest.mark.ray
 def test_trials_reuse_the_process_of_a_finished_trial(ray_with_a_gpu, tmp_path: Path) -> None:
     """tune.reuse_actors (default): the second trial runs in the first one's process (no new process,
-    imports and CUDA context per trial), and still gets its own sampled values and MLflow run."""
-    from passray.tune import main
-
+    imports and CUDA context per trial), and still gets its own sampled values and MLflow run. Through the
+    CLI, as users run it: the trainable then comes from ``__main__`` and is shipped by value."""
     path = _write(tmp_path, tune__num_samples=2, tune__max_concurrent_trials=1, finetune__epochs=0)
-    rows = main(["--config", str(path)])
-    trials = [r for r in rows if r["status"] == "done"]
-    assert len(trials) == 2 and trials[0]["prompt.size"] is not None
+    env = {**os.environ, "RAY_ADDRESS": ray_with_a_gpu.get_runtime_context().gcs_address}
+    proc = subprocess.run([sys.executable, "-m", "passray.tune", "--config", str(path)], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    trials = json.loads((tmp_path / "ray_results" / "tiny" / "results.json").read_text())["trials"]
+    assert [t["status"] for t in trials] == ["done", "done"]
     pids = set()
     for result in (tmp_path / "ray_results" / "tiny").glob("*/result.json"):
         pids |= {json.loads(line)["pid"] for line in result.read_text().splitlines() if line.strip()}
@@ -279,10 +281,10 @@ def test_trials_reuse_the_process_of_a_finished_trial(ray_with_a_gpu, tmp_path: 
 def test_a_trial_process_decodes_its_data_once() -> None:
     """What a reused trial process keeps: the decoded splits of the last data config, not one per trial."""
     from passray.config import load_config
-    from passray.tune import trial_data
+    from passray.data import load_dataset_kept
 
     cfg = load_config(None, ["data.name=digits", "data.limit_train=64"])
-    first = trial_data(cfg.data)
-    assert trial_data(cfg.data.model_copy()) is first
-    other = trial_data(cfg.data.model_copy(update={"limit_train": 32}))
+    first = load_dataset_kept(cfg.data)
+    assert load_dataset_kept(cfg.data.model_copy()) is first
+    other = load_dataset_kept(cfg.data.model_copy(update={"limit_train": 32}))
     assert other is not first and len(other.train) == 32 and len(first.train) == 64
