@@ -189,6 +189,10 @@ def test_scaling_smoke_writes_tune_and_ddp_rows_and_resumes(tmp_path: Path) -> N
         assert row["config_used"]["train"]["gpus_per_worker"] == pytest.approx(1 / row["trials_per_gpu"])
     # packing changes when trials run, not what they compute (same seeds and sampled values)
     assert sorted(tune[0]["val_accuracies"]) == pytest.approx(sorted(tune[1]["val_accuracies"]))
+    # one at a time, the second trial ran in the first one's process (tune.reuse_actors, the default)
+    results_k1 = list((tmp_path / "work" / "ray_results" / "scaling-k1-w0").glob("*/result.json"))
+    pids = {json.loads(line)["pid"] for result in results_k1 for line in result.read_text().splitlines() if line.strip()}
+    assert len(results_k1) == 2 and len(pids) == 1, pids
     ddp = sorted((r for r in data["rows"] if r["part"] == "ddp"), key=lambda r: r["gpus"])
     assert [r["gpus"] for r in ddp] == [1, 2] and all(r["global_batch"] == 16 for r in ddp)
     for row in ddp:

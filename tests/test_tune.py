@@ -258,26 +258,6 @@ def test_shared_dense_training_runs_on_a_gpu_worker_when_trials_use_gpus(ray_wit
     assert (tmp_path / "backbone.safetensors").is_file() and 0.0 <= out["test_accuracy"] <= 1.0
 
 
-@pytest.mark.ray
-def test_trials_reuse_the_process_of_a_finished_trial(ray_with_a_gpu, tmp_path: Path) -> None:
-    """tune.reuse_actors (default): the second trial runs in the first one's process (no new process,
-    imports and CUDA context per trial), and still gets its own sampled values and MLflow run. Through the
-    CLI, as users run it: the trainable then comes from ``__main__`` and is shipped by value."""
-    path = _write(tmp_path, tune__num_samples=2, tune__max_concurrent_trials=1, finetune__epochs=0)
-    env = {**os.environ, "RAY_ADDRESS": ray_with_a_gpu.get_runtime_context().gcs_address}
-    proc = subprocess.run([sys.executable, "-m", "passray.tune", "--config", str(path)], env=env,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    trials = json.loads((tmp_path / "ray_results" / "tiny" / "results.json").read_text())["trials"]
-    assert [t["status"] for t in trials] == ["done", "done"]
-    pids = set()
-    for result in (tmp_path / "ray_results" / "tiny").glob("*/result.json"):
-        pids |= {json.loads(line)["pid"] for line in result.read_text().splitlines() if line.strip()}
-    assert len(pids) == 1, pids
-    children = [r for r in _mlflow_runs(f"sqlite:///{tmp_path / 'mlflow.db'}", "tiny") if "mlflow.parentRunId" in r.data.tags]
-    assert sorted(c.info.status for c in children) == ["FINISHED", "FINISHED"]
-
-
 def test_a_trial_process_decodes_its_data_once() -> None:
     """What a reused trial process keeps: the decoded splits of the last data config, not one per trial."""
     from passray.config import load_config
