@@ -30,7 +30,7 @@ import yaml
 ray = pytest.importorskip("ray")
 jsonschema = pytest.importorskip("jsonschema")
 
-import ray.autoscaler  # noqa: E402  (after the importorskip above)
+autoscaler = pytest.importorskip("ray.autoscaler")
 from conftest import CACHE_ENV  # noqa: E402
 from ray.runtime_env import RuntimeEnv  # noqa: E402
 from test_tune import CONSOLE_LINES_4_TRIALS, _mlflow_runs, _write  # noqa: E402
@@ -65,7 +65,7 @@ def ray_version_pins(text: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def autoscaler_schema() -> dict[str, Any]:
-    path = Path(ray.autoscaler.__file__).parent / "ray-schema.json"
+    path = Path(autoscaler.__file__).parent / "ray-schema.json"
     return json.loads(path.read_text())
 
 
