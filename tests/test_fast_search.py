@@ -78,3 +78,19 @@ def test_folded_batch_norm_gates_match_the_hooks(monkeypatch: pytest.MonkeyPatch
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_cuda_graph_step_matches_the_eager_step() -> None:
     _assert_same_steps(_search_steps(device="cuda", cuda_graph=True), _search_steps(device="cuda"), rtol=1e-3)
+
+
+def test_folding_applies_to_every_whole_group_batch_norm() -> None:
+    """resnet8's BNs each hold exactly one group's channels: all folded, none hooked twice; removal restores them."""
+    backbone = create_backbone(load_config(None, ["model.arch=resnet8"]).model, 10)
+    groups = build_groups(backbone, 32)
+    x = torch.randn(2, 3, 32, 32)
+    backbone.eval()
+    dense = backbone(x)
+    with groups.gated([torch.ones(w) for w in groups.widths]):
+        folded = {bn for bn, _ in groups._gates.folded}
+        assert folded == {m for m in backbone.modules() if isinstance(m, torch.nn.BatchNorm2d)}
+        assert not groups._gates.handles and all("forward" in vars(bn) for bn in folded)
+        torch.testing.assert_close(backbone(x), dense)
+    groups.remove_gates()
+    assert not any("forward" in vars(m) for m in backbone.modules())
