@@ -21,6 +21,7 @@ from passray.data import (
     TensorLoader,
     available_datasets,
     load_dataset,
+    load_dataset_kept,
     make_loaders,
 )
 
@@ -379,3 +380,12 @@ def test_imagefolder_missing_or_bad_root(tmp_path):
 def test_data_module_imports_neither_ray_nor_mlflow():
     code = "import sys, passray.data; bad = {'ray', 'mlflow'} & set(sys.modules); assert not bad, bad"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_a_trial_process_decodes_its_data_once() -> None:
+    """What a reused trial process keeps: the decoded splits of the last data config, not one per trial."""
+    data = DataConfig(name="digits", limit_train=64)
+    first = load_dataset_kept(data)
+    assert load_dataset_kept(data.model_copy()) is first
+    other = load_dataset_kept(data.model_copy(update={"limit_train": 32}))
+    assert other is not first and len(other.train) == 32 and len(first.train) == 64

@@ -256,15 +256,3 @@ def test_shared_dense_training_runs_on_a_gpu_worker_when_trials_use_gpus(ray_wit
     out = pretrain_on_cluster(cfg, tmp_path / "backbone.safetensors")
     assert out["gpus"] == ["0"] and out["node"]
     assert (tmp_path / "backbone.safetensors").is_file() and 0.0 <= out["test_accuracy"] <= 1.0
-
-
-def test_a_trial_process_decodes_its_data_once() -> None:
-    """What a reused trial process keeps: the decoded splits of the last data config, not one per trial."""
-    from passray.config import load_config
-    from passray.data import load_dataset_kept
-
-    cfg = load_config(None, ["data.name=digits", "data.limit_train=64"])
-    first = load_dataset_kept(cfg.data)
-    assert load_dataset_kept(cfg.data.model_copy()) is first
-    other = load_dataset_kept(cfg.data.model_copy(update={"limit_train": 32}))
-    assert other is not first and len(other.train) == 32 and len(first.train) == 64
