@@ -54,10 +54,12 @@ def recipe(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def config_label(config: str | Path, changes: dict[str, Any]) -> str:
-    """What a row's ``config`` field says: the config file and the changes that alter what runs (not where
-    the data lies), e.g. ``cifar10_resnet18 finetune.epochs=1 search.epochs=2``."""
+    """What a row's ``config`` field says: the config file, the data file's name (not its folder) and the
+    changes that alter what runs, e.g. ``cifar10_resnet18 cifar10-small.tar.gz search.epochs=2``: rows are
+    compared only within one label."""
+    data = [Path(str(changes["data.root"])).name] if changes.get("data.root") else []
     shown = [f"{k}={v}" for k, v in sorted(changes.items()) if k not in ("data.root", "data.name")]
-    return " ".join([Path(config).stem, *shown])
+    return " ".join([Path(config).stem, *data, *shown])
 
 
 def dense_backbone(cfg, work: Path) -> tuple[Path, dict[str, Any]]:
