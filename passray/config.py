@@ -58,6 +58,7 @@ class DataConfig(_Section):
     augment: bool = Field(True, description="random crop (pad 4) + horizontal flip, done on the device")
     num_samples: int = Field(512, gt=0, description="synthetic only: images per split")
     seed: int = Field(0, description="seed of the train/val split, fixed so every method sees the same split")
+    cache: bool = Field(True, description="imagefolder: keep the decoded images on disk ($PASSRAY_DATA_CACHE, else ~/.cache/passray/data), so each process of a search loads them instead of decoding every JPEG again")
 
 
 class ModelConfig(_Section):

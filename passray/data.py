@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DistributedSampler
 
+from passray import image_cache
 from passray._registry import Registry
 from passray.config import DataConfig
 
@@ -355,10 +356,18 @@ def _imagefolder(cfg: DataConfig) -> tuple[Split, Split, list[str]]:
 
     Archives are read streaming (nothing is extracted). Images are decoded once with PIL;
     they are resized to ``data.image_size`` (square) if set, else must all share one size.
+    The decoded tensors are cached on disk (``passray.image_cache``, ``data.cache``).
     """
     if cfg.root is None:
         raise ValueError("data.root is required for imagefolder (a folder or .tar.gz with train/ and test/)")
     root = Path(cfg.root).expanduser()
+    decode = functools.partial(_decode_image_folder, root, cfg.image_size)
+    train_x, train_y, eval_x, eval_y, classes = image_cache.cached(root, cfg.image_size, decode) if cfg.cache \
+        else decode()
+    return Split(train_x, train_y), Split(eval_x, eval_y), classes
+
+
+def _decode_image_folder(root: Path, size: int | None) -> image_cache.Decoded:
     entries, folders = _scan_archive(root) if root.is_file() else _scan_dir(root)
     tops, wrapper = {parts[0] for parts, _ in entries}, ""
     if "train" not in tops and len(tops) == 1 and all(len(p) > 3 for p, _ in entries):
@@ -378,11 +387,10 @@ def _imagefolder(cfg: DataConfig) -> tuple[Split, Split, list[str]]:
     if classes != eval_classes:
         raise ValueError(f"{root}: {eval_name}/ classes {eval_classes} differ from train/ classes {classes}")
     index = {c: i for i, c in enumerate(classes)}
-    splits = []
+    decoded = []
     for s in ("train", eval_name):
-        labels = torch.tensor([index[p[1]] for p, _ in groups[s]], dtype=torch.int64)
-        splits.append(Split(_decode_all(root, groups[s], cfg.image_size), labels))
-    return splits[0], splits[1], classes
+        decoded += [_decode_all(root, groups[s], size), torch.tensor([index[p[1]] for p, _ in groups[s]])]
+    return (*decoded, classes)
 
 
 def _refuse_empty_class_folders(root: Path, wrapper: str, groups: dict[str, list[_Entry]],

@@ -54,7 +54,7 @@ def dense_key(cfg: Config, device: torch.device, world_size: int = 1) -> dict[st
     Not the method, budget, prompt, search, fine-tune, evaluation batch or output paths: runs that
     differ only there share one backbone, which is what makes their comparison fair."""
     cuda = device.type == "cuda"
-    data = cfg.data.model_dump(exclude={"eval_batch_size"})
+    data = cfg.data.model_dump(exclude={"eval_batch_size", "cache"})
     if data["root"] is not None:
         data["root"] = str(Path(data["root"]).expanduser().resolve())
     model = cfg.model.model_dump()

@@ -34,7 +34,7 @@ import torch
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no tqdm bars in test logs
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # tests never phone home
 
-CACHE_ENV = {"dense": "PASSRAY_DENSE_CACHE", "models": "PASSRAY_MODEL_CACHE"}
+CACHE_ENV = {"dense": "PASSRAY_DENSE_CACHE", "models": "PASSRAY_MODEL_CACHE", "data": "PASSRAY_DATA_CACHE"}
 SERVER_START_TIMEOUT_S = 120  # first start migrates a new sqlite DB: ~10-20 s on 2 CPU cores
 
 

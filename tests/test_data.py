@@ -377,6 +377,45 @@ def test_imagefolder_missing_or_bad_root(tmp_path):
         load_dataset(DataConfig(name="imagefolder"))
 
 
+@pytest.mark.parametrize("kind", ["dir", "tar"])
+def test_decoded_images_are_cached_until_the_source_changes(kind, tmp_path, monkeypatch, caplog):
+    """The second load reads the cache (no image is decoded); an edited source misses; a corrupt entry is
+    decoded again with a warning; ``data.cache: false`` neither reads nor writes it."""
+    import passray.data
+    import passray.image_cache
+
+    root = _make_root(kind, tmp_path, _layout())
+    cfg = DataConfig(name="imagefolder", root=str(root), image_size=6)
+    first = load_dataset(cfg)
+    [entry] = passray.image_cache.cache_root().glob("*.safetensors")
+
+    def refuse(*args):
+        raise AssertionError("decoded although cached")
+
+    with monkeypatch.context() as m:
+        m.setattr(passray.data, "_decode_all", refuse)
+        again = load_dataset(cfg)
+        with pytest.raises(AssertionError, match="decoded although cached"):  # another decode size is another entry
+            load_dataset(cfg.model_copy(update={"image_size": 5}))
+    assert again.class_names == first.class_names
+    for a, b in [(first.train, again.train), (first.val, again.val), (first.test, again.test)]:
+        assert torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels)
+
+    entry.write_bytes(b"not safetensors")
+    assert torch.equal(load_dataset(cfg).test.images, first.test.images)
+    assert "ignoring the decoded-image cache entry" in caplog.text
+    assert load_dataset(cfg).test.images.shape == first.test.images.shape  # rewritten: read back whole
+
+    files = _layout()
+    files["test/cat/000.png"] = _png(200)
+    edited = _make_root(kind, tmp_path, files)
+    assert edited == root and load_dataset(cfg).test.images[0, 0, 0, 0] == 200
+
+    monkeypatch.setenv(passray.image_cache.ENV, str(tmp_path / "off"))
+    load_dataset(cfg.model_copy(update={"cache": False}))
+    assert not (tmp_path / "off").exists()
+
+
 def test_data_module_imports_neither_ray_nor_mlflow():
     code = "import sys, passray.data; bad = {'ray', 'mlflow'} & set(sys.modules); assert not bad, bad"
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -15,6 +15,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "passray"
 # where it says so). A new module must be placed here, so its direction is a decision.
 LAYERS: list[tuple[str, set[str]]] = [
     ("foundation", {"_registry", "_state_io", "config", "equivalence", "run_state", "search_plot"}),
+    ("decoded data", {"image_cache"}),
     ("inputs", {"_cli", "cost", "data", "models", "prompts"}),
     ("groups", {"groups"}),
     ("structure", {"budget", "importance", "latency", "network"}),
