@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import itertools
 import json
 import logging
 import sys
@@ -52,7 +53,8 @@ def next_free(path: Path) -> Path:
     """``path`` if nothing (or an empty folder) is there, else the first free ``path-2``, ``path-3``, ...:
     a new run never overwrites an earlier one's output."""
     taken = lambda p: p.exists() and not (p.is_dir() and not any(p.iterdir()))  # noqa: E731
-    return next(p for p in (path, *(path.with_name(f"{path.name}-{i}") for i in range(2, 100_000))) if not taken(p))
+    candidates = itertools.chain([path], (path.with_name(f"{path.name}-{i}") for i in itertools.count(2)))
+    return next(p for p in candidates if not taken(p))
 
 
 def config_record(flat: Mapping[str, Any]) -> dict[str, Any]:
