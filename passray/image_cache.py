@@ -48,8 +48,8 @@ def _fingerprint(root: Path) -> list:
     if root.is_file():
         stat = root.stat()
         return [stat.st_size, stat.st_mtime_ns]
-    files = sorted(p for p in root.rglob("*") if p.is_file())
-    return [[str(p.relative_to(root)), p.stat().st_size, p.stat().st_mtime_ns] for p in files]
+    stats = {str(p.relative_to(root)): p.stat() for p in root.rglob("*") if p.is_file()}
+    return [[name, stat.st_size, stat.st_mtime_ns] for name, stat in sorted(stats.items())]
 
 
 def _entry(root: Path, size: int | None) -> Path:
