@@ -134,16 +134,20 @@ def test_tune_resume_with_another_config_is_refused_before_ray_starts(tmp_path: 
 
 
 # ---------------------------------------------------------------- Ray cluster
-@pytest.mark.parametrize("prog", ["passray.train", "passray.tune"])
-def test_ray_address_with_nothing_listening_fails_at_once(prog: str, tmp_path: Path) -> None:
-    """Ray itself retries such an address for many minutes (the guard below would end the test)."""
+def test_ray_address_with_nothing_listening_fails_at_once(tmp_path: Path) -> None:
+    """Ray itself retries such an address for many minutes (the guard below would end the test).
+    Both CLIs at once: each spends its seconds importing, on a core of its own."""
     address = f"127.0.0.1:{free_port()}"
     env = {**os.environ, "RAY_ADDRESS": address}
-    proc = subprocess.run([sys.executable, "-m", prog, "--config", str(_write(tmp_path))], env=env, cwd=tmp_path,
-                          capture_output=True, text=True, timeout=5 * ONE_MINUTE)
-    assert proc.returncode == 2
-    line = _one_error_line(proc.stderr, prog)
-    assert f"RAY_ADDRESS={address}: no Ray cluster answers" in line
+    progs = ["passray.train", "passray.tune"]
+    for prog in progs:  # a folder (config, MLflow store, storage) each, as two separate runs have
+        (tmp_path / prog).mkdir()
+    procs = run_together(*([sys.executable, "-m", prog, "--config", str(_write(tmp_path / prog))] for prog in progs),
+                         env=env, cwd=tmp_path, timeout=5 * ONE_MINUTE)
+    for prog, proc in zip(progs, procs):
+        assert proc.returncode == 2, (prog, proc.stderr[-3000:])
+        line = _one_error_line(proc.stderr, prog)
+        assert f"RAY_ADDRESS={address}: no Ray cluster answers" in line
 
 
 @pytest.mark.ray
@@ -293,13 +297,17 @@ def test_killed_then_ctrl_c_tune_is_a_partial_killed_record_that_resumes_without
     assert parent.info.status == "KILLED"
     assert children and {c.info.status for c in children} <= {"KILLED", "FINISHED"}, [c.info.status for c in children]
 
-    changed = subprocess.run([*command, "--resume", str(exp), "--set", "budget.keep_ratio=0.2"], env=env, cwd=tmp_path,
-                             capture_output=True, text=True, timeout=5 * ONE_MINUTE)
+    # another config is refused before anything starts; it only reads the experiment, so it runs beside the resume
+    changed = _start_tune([*command, "--resume", str(exp), "--set", "budget.keep_ratio=0.2"], env, tmp_path / "changed")
+    try:
+        resumed = subprocess.run([*command, "--resume", "ray_results/tiny"], env=env, cwd=tmp_path, capture_output=True,
+                                 text=True, timeout=15 * ONE_MINUTE)  # relative, as README shows
+        changed.wait(timeout=5 * ONE_MINUTE)
+    finally:
+        if changed.poll() is None:
+            os.killpg(changed.pid, signal.SIGKILL)
     assert changed.returncode == 2
-    assert "config key 'budget.keep_ratio'" in _one_error_line(changed.stderr, "passray.tune")
-
-    resumed = subprocess.run([*command, "--resume", "ray_results/tiny"], env=env, cwd=tmp_path, capture_output=True,
-                             text=True, timeout=15 * ONE_MINUTE)  # relative, as README shows
+    assert "config key 'budget.keep_ratio'" in _one_error_line((tmp_path / "changed.err").read_text(), "passray.tune")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert {p: p.read_text().count(DONE) for p in finished} == finished  # neither resume re-ran a finished trial
     results = json.loads((exp / "results.json").read_text())
