@@ -31,7 +31,7 @@ ray = pytest.importorskip("ray")
 jsonschema = pytest.importorskip("jsonschema")
 
 autoscaler = pytest.importorskip("ray.autoscaler")
-from conftest import CACHE_ENV  # noqa: E402
+from conftest import CACHE_ENV, run_together  # noqa: E402
 from ray.runtime_env import RuntimeEnv  # noqa: E402
 from test_tune import CONSOLE_LINES_4_TRIALS, _mlflow_runs, _write  # noqa: E402
 
@@ -349,11 +349,36 @@ def local_cluster(tmp_path_factory: pytest.TempPathFactory, session_caches: Path
         shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
-def _submit(cluster: LocalCluster, working_dir: Path, *command: str, timeout: int) -> subprocess.CompletedProcess:
+def _submission(cluster: LocalCluster, working_dir: Path, *command: str) -> list[str]:
     """``ray job submit`` through the token-protected job API, as a user does after ``eval "$(local.sh up)"``."""
-    return subprocess.run(["ray", "job", "submit", "--address", cluster.exports["RAY_API_SERVER_ADDRESS"],
-                           "--working-dir", str(working_dir), "--", *command], env=cluster.client_env,
-                          capture_output=True, text=True, timeout=timeout)
+    return ["ray", "job", "submit", "--address", cluster.exports["RAY_API_SERVER_ADDRESS"],
+            "--working-dir", str(working_dir), "--", *command]
+
+
+def _submit(cluster: LocalCluster, working_dir: Path, *command: str, timeout: int) -> subprocess.CompletedProcess:
+    return subprocess.run(_submission(cluster, working_dir, *command), env=cluster.client_env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+@dataclass(frozen=True)
+class TuneJobs:
+    tune: subprocess.CompletedProcess  # 4 trials: the tests' tune job
+    tune_dir: Path  # its folder (config, ray_results)
+    failed: subprocess.CompletedProcess  # a job whose data is missing
+
+
+@pytest.fixture(scope="module")
+def tune_jobs(local_cluster: LocalCluster, tmp_path_factory: pytest.TempPathFactory) -> TuneJobs:
+    """The two ``passray.tune`` jobs, submitted together: the failing one ends in its driver's dense training,
+    before any trial takes a CPU, so it shares the cluster with the other only in the seconds of its start."""
+    uri = local_cluster.exports["MLFLOW_TRACKING_URI"]
+    tune_dir, failed_dir = tmp_path_factory.mktemp("tune_job"), tmp_path_factory.mktemp("failed_job")
+    good = _write(tune_dir, tune__num_samples=4, tune__max_concurrent_trials=4, tracking__uri=uri,
+                  tracking__experiment="job-submit")
+    bad = _write(failed_dir, data__root=str(failed_dir / "missing"), data__name="imagefolder", tracking__uri=uri)
+    tune, failed = run_together(*(_submission(local_cluster, REPO, "python", "-m", "passray.tune", "--config", str(path))
+                                  for path in (good, bad)), env=local_cluster.client_env, timeout=900)
+    return TuneJobs(tune, tune_dir, failed)
 
 
 @pytest.mark.ray
@@ -400,18 +425,16 @@ def test_local_sh_up_starts_two_nodes_and_mlflow(local_cluster: LocalCluster, tm
 @pytest.mark.ray
 @pytest.mark.mlflow_server
 @pytest.mark.slow
-def test_ray_job_submit_runs_tune_trials_on_both_nodes(local_cluster: LocalCluster, tmp_path: Path) -> None:
+def test_ray_job_submit_runs_tune_trials_on_both_nodes(local_cluster: LocalCluster, tune_jobs: TuneJobs) -> None:
     import mlflow
 
     uri = local_cluster.exports["MLFLOW_TRACKING_URI"]
-    path = _write(tmp_path, tune__num_samples=4, tune__max_concurrent_trials=4, tracking__uri=uri,
-                  tracking__experiment="job-submit")
-    job = _submit(local_cluster, REPO, "python", "-m", "passray.tune", "--config", str(path), timeout=900)
+    job = tune_jobs.tune
     assert job.returncode == 0 and "succeeded" in job.stdout, (job.stdout[-3000:], job.stderr[-2000:])
     console = job.stdout + job.stderr
     assert console.count("\n") < CONSOLE_LINES_4_TRIALS, console  # the live table, not a config dump per trial
     assert "tensorboard" not in console.lower() and "base/" not in console
-    exp = tmp_path / "ray_results" / "tiny"
+    exp = tune_jobs.tune_dir / "ray_results" / "tiny"
     results = json.loads((exp / "results.json").read_text())
     trials = results["trials"]
     assert len(trials) == 4 and all(t["status"] == "done" for t in trials)
@@ -439,10 +462,8 @@ def test_ray_job_submit_runs_tune_trials_on_both_nodes(local_cluster: LocalClust
 
 
 @pytest.mark.ray
-def test_failed_tune_job_reports_failure(local_cluster: LocalCluster, tmp_path: Path) -> None:
-    path = _write(tmp_path, data__root=str(tmp_path / "missing"), data__name="imagefolder",
-                  tracking__uri=local_cluster.exports["MLFLOW_TRACKING_URI"])
-    job = _submit(local_cluster, REPO, "python", "-m", "passray.tune", "--config", str(path), timeout=600)
+def test_failed_tune_job_reports_failure(tune_jobs: TuneJobs) -> None:
+    job = tune_jobs.failed
     assert job.returncode != 0
     assert "missing" in job.stdout + job.stderr
 
