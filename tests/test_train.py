@@ -67,7 +67,8 @@ def _cfg(tmp_path: Path, **over: Any) -> Config:
 
 
 def _run_log(path: Path):
-    """A controller-side callback appending every report / worker exception to ``path``.
+    """A controller-side callback appending every report (with the controller's report poll) / worker
+    exception to ``path``.
 
     Defined inside a function so cloudpickle ships the class by value (the controller
     process cannot import this test module).
@@ -79,8 +80,8 @@ def _run_log(path: Path):
             with open(path, "a") as f:
                 f.write(json.dumps({"event": "report", "stage": metrics[0].get("stage"),
                                     "epoch": metrics[0].get("epoch"), "step": metrics[0].get("step"),
-                                    "checkpoint": checkpoint is not None,
-                                    "ranks": len(metrics)}) + "\n")
+                                    "checkpoint": checkpoint is not None, "ranks": len(metrics),
+                                    "poll": os.environ.get(POLL_ENV)}) + "\n")
 
         def after_exception(self, run_context, worker_exceptions):
             with open(path, "a") as f:
@@ -274,19 +275,44 @@ def test_rerun_with_same_name_resumes(ray_cluster, tmp_path, capsys):
     assert snapshot.read_text() == before and Path(ckpt).is_dir()  # the finished run is untouched
 
 
-def test_workers_take_rank_0s_cached_dense_backbone(ray_cluster, session_caches, tmp_path, monkeypatch):
-    """Rank 0 finds the dense backbone in its cache and broadcasts it: no rank pretrains, and the
-    ranks stay in step (a rank training alone would hang the others at the next collective)."""
+@pytest.fixture(scope="module")
+def dense_reuse_run(ray_cluster, session_caches, tmp_path_factory) -> dict[str, Any]:
+    """One run of 2 workers whose dense backbone is in rank 0's cache, at the report poll ``fit`` sets
+    itself (this module's cluster started at 0.1 s; the driver leaves it unset): the two tests below read it."""
     from passray import dense_cache
     from passray.models import create_backbone
     from passray.train import fit
 
-    monkeypatch.setenv(dense_cache.ENV, str(session_caches / "dense"))  # where this cluster's workers look
-    cfg = _cfg(tmp_path, pretrain={"epochs": 1}, finetune={"epochs": 0}, seed=7)
-    key = dense_cache.dense_key(cfg, torch.device("cpu"), world_size=2)
-    dense_cache.store(key, create_backbone(cfg.model, 10).state_dict(), {"val_accuracy": 0.1, "test_accuracy": 0.1})
-    log = tmp_path / "run.jsonl"
-    metrics, _ = fit(cfg, name="dense-reuse", callbacks=[_run_log(log)])
+    tmp_path = tmp_path_factory.mktemp("dense_reuse")
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        monkeypatch.setenv(dense_cache.ENV, str(session_caches / "dense"))  # where this cluster's workers look
+        monkeypatch.delenv(POLL_ENV)
+        cfg = _cfg(tmp_path, pretrain={"epochs": 1}, finetune={"epochs": 0}, seed=7)
+        key = dense_cache.dense_key(cfg, torch.device("cpu"), world_size=2)
+        dense_cache.store(key, create_backbone(cfg.model, 10).state_dict(), {"val_accuracy": 0.1, "test_accuracy": 0.1})
+        log = tmp_path / "run.jsonl"
+        metrics, _ = fit(cfg, name="dense-reuse", callbacks=[_run_log(log)])
+        return {"metrics": metrics, "events": _events(log), "driver_poll_after": os.environ.get(POLL_ENV)}
+
+
+def test_workers_take_rank_0s_cached_dense_backbone(dense_reuse_run):
+    """Rank 0 finds the dense backbone in its cache and broadcasts it: no rank pretrains, and the
+    ranks stay in step (a rank training alone would hang the others at the next collective)."""
+    metrics, events = dense_reuse_run["metrics"], dense_reuse_run["events"]
     assert metrics["dense_reused"] is True and metrics["stage"] == "done"
-    assert _reports(_events(log)) == [("search", 0), ("done", None)]  # no pretrain epoch was reported
-    assert all(e["ranks"] == 2 for e in _events(log) if e["event"] == "report")
+    assert _reports(events) == [("search", 0), ("done", None)]  # no pretrain epoch was reported
+    assert all(e["ranks"] == 2 for e in events if e["event"] == "report")
+
+
+def test_ray_train_collects_each_epochs_report_within_half_a_second(dense_reuse_run, monkeypatch):
+    """Every epoch's checkpoint waits until the controller collects it: at Ray's default (every 2 s) a
+    run of short epochs mostly waits. ``fit`` runs its controller at ``REPORT_POLL_S`` instead."""
+    from passray.train import REPORT_POLL_S, _report_poll
+
+    reports = [e for e in dense_reuse_run["events"] if e["event"] == "report"]
+    assert [r["stage"] for r in reports] == ["search", "done"]
+    assert {r["poll"] for r in reports} == {REPORT_POLL_S}
+    assert dense_reuse_run["driver_poll_after"] is None  # the driver's environment is left as it was
+    monkeypatch.setenv(POLL_ENV, "3")
+    with _report_poll():
+        assert os.environ[POLL_ENV] == "3"  # a value the user set is theirs
