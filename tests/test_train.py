@@ -13,6 +13,7 @@ import json
 import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -176,8 +177,8 @@ def test_two_workers_match_one_worker_with_double_batch(ray_cluster, tmp_path):
 
     one = _cfg(tmp_path, **_merge(common, {"data": {"batch_size": 2 * b}, "train": {"num_workers": 1}}))
     two = _cfg(tmp_path, **_merge(common, {"train": {"num_workers": 2}}))
-    m1, c1 = fit(one, name="equiv-1")
-    m2, c2 = fit(two, name="equiv-2")
+    with ThreadPoolExecutor(2) as pool:  # two independent runs (3 of the cluster's 4 CPUs): their start-ups overlap
+        (m1, c1), (m2, c2) = pool.map(fit, (one, two), ("equiv-1", "equiv-2"))
     for ckpt in (c1, c2):
         assert [h for h in _history(ckpt) if h[0] == "search"] == [("search", 0)]
 
