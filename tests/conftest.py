@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -86,6 +87,29 @@ def run_together(*commands: list[str], timeout: float, **popen) -> list[subproce
             log.seek(0)
         return [subprocess.CompletedProcess(proc.args, proc.returncode, out.read(), err.read())
                 for proc, (out, err) in zip(procs, logs)]
+
+
+# What test_data, test_models and test_train import in a fresh interpreter, in this order (see imported_after).
+IMPORT_STEPS = ("passray.data", "passray.models", "passray, passray.pipeline, passray.prune")
+WATCHED = ("ray", "mlflow")
+
+
+@pytest.fixture(scope="session")
+def imported_after() -> dict[str, list[str]]:
+    """For each of IMPORT_STEPS: which of WATCHED one fresh interpreter holds once it has imported that
+    step's modules after the earlier steps' (one interpreter, not one per test: each imports torch).
+    Cumulative, so a step's answer holds at least what its own modules pull in: an assertion that a
+    module is absent is never weaker than in an interpreter of its own."""
+    code = ("import importlib, json, sys\n"
+            "out = {}\n"
+            f"for step in {IMPORT_STEPS!r}:\n"
+            "    for name in step.split(', '):\n"
+            "        importlib.import_module(name)\n"
+            f"    out[step] = sorted(m for m in {WATCHED!r} if m in sys.modules)\n"
+            "print(json.dumps(out))\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout)
 
 
 def _healthy(uri: str) -> bool:
