@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -44,10 +45,48 @@ def _run_together(*invocations: list[str]) -> list[subprocess.CompletedProcess]:
     return procs
 
 
-def test_quality_smoke_writes_rows_and_resumes(tmp_path: Path) -> None:
-    results = tmp_path / "quality.json"
-    first = _run("quality.py", "--results", str(results))
-    data = json.loads(results.read_text())
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Any]]:
+    """quality.py, speed.py and transfer.py, each run twice on its results file: the first runs side by
+    side, then side by side the runs that must resume them (quality's without its checkpoints, beside
+    --remeasure-speedup on a copy of its results). A smoke run mostly keeps one core busy, so three at
+    once take about the time of the longest. What the tests read of a run is read before the next starts."""
+    root = tmp_path_factory.mktemp("smoke")
+    out = {name: {"results": root / name / f"{name}.json"} for name in ("quality", "speed", "transfer")}
+    for runs in out.values():
+        runs["results"].parent.mkdir()
+    firsts = _run_together(*([f"{name}.py", "--results", str(runs["results"])] for name, runs in out.items()))
+    for runs, first in zip(out.values(), firsts):
+        runs.update(first=first, data=json.loads(runs["results"].read_text()))
+    quality, transfer = out["quality"], out["transfer"]
+    for runs in (quality, transfer):
+        runs["summary"] = runs["results"].with_suffix(".md").read_text()
+    quality["png_bytes"] = quality["results"].with_suffix(".png").stat().st_size
+    transfer["hypernet_saved"] = (root / "transfer" / "work" / "transfer-source-seed0-keep0.5" / "hypernet" /
+                                  "model.safetensors").is_file()
+
+    # --remeasure-speedup re-times a latency row alone, from its kept widths (here a MACs row made one)
+    timed = json.loads(json.dumps(quality["data"]))
+    timed["rows"][0].update(budget_kind="latency", speedup_measured=99.0)
+    timed["rows"][0]["config"]["budget"]["latency_batch_size"] = 4
+    quality["timed"] = root / "quality" / "timed.json"
+    quality["timed"].write_text(json.dumps(timed))
+    # A fresh GPU machine has lost the checkpoints: the backbone is re-trained, must come out
+    # bit-identical (sha256 checked against the rows), and only the new row runs.
+    shutil.rmtree(root / "quality" / "work")
+    seconds = _run_together(["quality.py", "--remeasure-speedup", str(quality["timed"])],
+                            ["quality.py", "--results", str(quality["results"]), "--setting", "all", "--methods", "pass",
+                             "uniform_l1", "uniform_random"],
+                            *([f"{name}.py", "--results", str(out[name]["results"])] for name in ("speed", "transfer")))
+    for runs, second in zip(out.values(), seconds[1:]):
+        runs.update(second=second, again=json.loads(runs["results"].read_text()))
+    quality["timed_row"] = json.loads(quality["timed"].read_text())["rows"][0]
+    return out
+
+
+def test_quality_smoke_writes_rows_and_resumes(smoke: dict[str, dict[str, Any]]) -> None:
+    quality = smoke["quality"]
+    first, data = quality["first"], quality["data"]
     keys = {(r["setting"], r["row"], r["target"], r["seed"]) for r in data["rows"]}
     assert keys == {(s, r, 0.5, 0) for s in ("all", "shifted") for r in ("pass", "uniform_l1")}, first.stdout
     for row in data["rows"]:
@@ -68,37 +107,23 @@ def test_quality_smoke_writes_rows_and_resumes(tmp_path: Path) -> None:
     assert {"command", "environment", "protocol", "summary"} <= set(data)
     assert "--smoke" in data["command"] and data["environment"]["torch"]
     assert len(data["summary"]) == 4 and all(s["test_after_ft_final"]["n"] == 1 for s in data["summary"])
-    assert results.with_suffix(".md").read_text().count("| all | convnet |") == 2
-    assert results.with_suffix(".png").stat().st_size > 0
+    assert quality["summary"].count("| all | convnet |") == 2
+    assert quality["png_bytes"] > 0
 
-    # --remeasure-speedup re-times a latency row alone, from its kept widths (here a MACs row made one)
-    timed = json.loads(results.read_text())
-    timed["rows"][0].update(budget_kind="latency", speedup_measured=99.0)
-    timed["rows"][0]["config"]["budget"]["latency_batch_size"] = 4
-    (tmp_path / "timed.json").write_text(json.dumps(timed))
-    # A fresh GPU machine has lost the checkpoints: the backbone is re-trained, must come out
-    # bit-identical (sha256 checked against the rows), and only the new row runs. (Beside the
-    # re-timing, which reads only timed.json: the checks below are not on timings.)
-    shutil.rmtree(tmp_path / "work")
-    _, second = _run_together(["quality.py", "--remeasure-speedup", str(tmp_path / "timed.json")],
-                              ["quality.py", "--results", str(results), "--setting", "all", "--methods", "pass",
-                               "uniform_l1", "uniform_random"])
-    row = json.loads((tmp_path / "timed.json").read_text())["rows"][0]
+    row = quality["timed_row"]  # re-timed by --remeasure-speedup
     assert row["speedup_measured_in_run"] == 99.0 and 0 < row["speedup_measured"] < 99.0
     assert row["latency_pruned_ms"] > 0 and "alone" in row["speedup_timing"]
 
+    second, again = quality["second"], quality["again"]  # resumed without the checkpoints
     assert "2 of 3 rows already" in second.stdout and "pretraining the 'all' backbone" in second.stdout
-    again = json.loads(results.read_text())
     assert again["rows"][:4] == data["rows"]
     assert [(r["setting"], r["row"]) for r in again["rows"][4:]] == [("all", "uniform_random")]
     assert again["rows"][4]["backbone_sha256"] == data["backbones"]["all/convnet"]["sha256"]
     assert len(again["invocations"]) == 2
 
 
-def test_speed_smoke_writes_rows_and_resumes(tmp_path: Path) -> None:
-    results = tmp_path / "speed.json"
-    _run("speed.py", "--results", str(results))
-    data = json.loads(results.read_text())
+def test_speed_smoke_writes_rows_and_resumes(smoke: dict[str, dict[str, Any]]) -> None:
+    data = smoke["speed"]["data"]
     keys = {(r["part"], r["net"]) for r in data["rows"]}
     nets = {"dense", "uniform_l1@0.5", "global_l2@0.5"}
     assert keys == ({("train", n) for n in nets} | {("search", "pass@0.5")} | {("infer", n) for n in nets})
@@ -112,9 +137,8 @@ def test_speed_smoke_writes_rows_and_resumes(tmp_path: Path) -> None:
     assert len(search) == 1 and search[0]["search_epoch_in_finetune_epochs_uniform_l1"] > 0
     assert {"command", "environment", "protocol"} <= set(data)
 
-    second = _run("speed.py", "--results", str(results))
-    assert "10 of 10 measurements already" in second.stdout
-    assert json.loads(results.read_text())["rows"] == data["rows"]
+    assert "10 of 10 measurements already" in smoke["speed"]["second"].stdout
+    assert smoke["speed"]["again"]["rows"] == data["rows"]
 
 
 def test_results_file_refuses_another_protocol(tmp_path: Path) -> None:
@@ -154,21 +178,18 @@ def test_results_file_keeps_every_writers_rows(tmp_path: Path) -> None:
     assert set(data["backbones"]) == {"all", "shifted"}
 
 
-def test_transfer_smoke_runs_every_mode_and_resumes(tmp_path: Path) -> None:
-    results = tmp_path / "transfer.json"
-    _run("transfer.py", "--results", str(results))
-    data = json.loads(results.read_text())
-    rows = {r["mode"]: r for r in data["rows"]}
+def test_transfer_smoke_runs_every_mode_and_resumes(smoke: dict[str, dict[str, Any]]) -> None:
+    transfer = smoke["transfer"]
+    rows = {r["mode"]: r for r in transfer["data"]["rows"]}
     assert list(rows) == ["source", "fresh", "warm-start", "zero-shot", "mask"]
     assert rows["source"]["classes"] == [0, 1, 2, 3, 4] and rows["fresh"]["classes"] == [5, 6, 7, 8, 9]
     for row in rows.values():
         assert 0.3 < row["macs_ratio"] <= 0.5 + 1e-9 and 0.0 <= row["test_after_ft_final"] <= 1.0
     assert not rows["zero-shot"]["hypernet_trained"] and rows["warm-start"]["hypernet_trained"]
-    assert (tmp_path / "work" / "transfer-source-seed0-keep0.5" / "hypernet" / "model.safetensors").is_file()
+    assert transfer["hypernet_saved"]  # work/transfer-source-seed0-keep0.5/hypernet/model.safetensors
     assert rows["mask"]["macs_ratio"] == pytest.approx(rows["source"]["macs_ratio"])
-    assert "| zero-shot |" in results.with_suffix(".md").read_text()
-    again = _run("transfer.py", "--results", str(results))
-    assert "5 of 5 rows done" in again.stdout
+    assert "| zero-shot |" in transfer["summary"]
+    assert "5 of 5 rows done" in transfer["second"].stdout
 
 
 @pytest.mark.ray
