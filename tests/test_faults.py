@@ -24,6 +24,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -252,63 +253,122 @@ def _wait_for(proc: subprocess.Popen, ready) -> None:
         time.sleep(0.5)
 
 
+KILL_TEST = "test_killed_then_ctrl_c_tune_is_a_partial_killed_record_that_resumes_without_rerunning"
+
+
+class InterruptedSweep:
+    """The first two faults of ``KILL_TEST``, run by a thread from the start of this module: a tune start
+    mostly waits (on Ray, Tune, trial processes), and the tests in between use the core it leaves.
+    What the test checks of a step is read before the next step changes it."""
+
+    def __init__(self, root: Path) -> None:
+        # A new process per trial (no reuse_actors): a reused process runs these tiny trials in about a second
+        # each, and all three would end within the 3 s the kill waits for Tune's experiment state.
+        config = _write(root, tune__num_samples=3, tune__max_concurrent_trials=1, tune__objective="single",
+                        tune__grace_period=1000, finetune__epochs=2, tune__reuse_actors=False)
+        self.root, self.exp, self.uri = root, root / "ray_results" / "tiny", f"sqlite:///{root / 'mlflow.db'}"
+        self.env = {**os.environ, "TUNE_GLOBAL_CHECKPOINT_S": "1", "RAY_ADDRESS": "local"}  # a fresh Ray, never another
+        self.command = [sys.executable, "-m", "passray.tune", "--config", str(config)]
+        self.procs: list[subprocess.Popen] = []
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def start(self, *args: str, console: str) -> subprocess.Popen:
+        self.procs.append(_start_tune([*self.command, *args], self.env, self.root / console))
+        return self.procs[-1]
+
+    def _run(self) -> None:
+        try:
+            self._kill_then_interrupt()
+        except BaseException as err:  # noqa: BLE001  (raised in the test, by result())
+            self.error = err
+
+    def _kill_then_interrupt(self) -> None:
+        exp = self.exp
+        # killed: nothing gets to clean up; Tune's periodic experiment state is all --resume has
+        proc = self.start(console="killed")
+        try:
+            _wait_for(proc, lambda: _finished(exp))
+            time.sleep(3)  # let Tune write its experiment state
+        finally:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        self.finished = _finished(exp)
+
+        # Ctrl-C in the resumed run, once it has reported something new
+        reported = _reported(exp)
+        proc = self.start("--resume", str(exp), console="interrupted")
+        try:
+            _wait_for(proc, lambda: _reported(exp) > reported)
+            os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: the whole foreground group
+            proc.wait(timeout=5 * ONE_MINUTE)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+        self.interrupted = proc.returncode, (self.root / "interrupted.err").read_text()
+        self.partial = json.loads((exp / "results.json").read_text()), (exp / "results.txt").read_text()
+        parent, children = _runs(self.uri, "tiny")
+        self.partial_statuses = parent.info.status, [c.info.status for c in children]
+
+    def result(self) -> InterruptedSweep:
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+        return self
+
+    def stop(self) -> None:
+        """Whatever it started and is still running, killed (a test that failed first, or was not reached)."""
+        for proc in self.procs:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        self.thread.join()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def interrupted_sweep(request, tmp_path_factory: pytest.TempPathFactory):
+    """The sweep of ``KILL_TEST``, started with the module when that test is to run."""
+    if not any(getattr(item, "module", None) is request.module and item.name == KILL_TEST for item in request.session.items):
+        yield None
+        return
+    sweep = InterruptedSweep(tmp_path_factory.mktemp("sweep"))
+    try:
+        yield sweep
+    finally:
+        sweep.stop()
+
+
 @pytest.mark.ray
 @pytest.mark.slow
-def test_killed_then_ctrl_c_tune_is_a_partial_killed_record_that_resumes_without_rerunning(tmp_path: Path) -> None:
+def test_killed_then_ctrl_c_tune_is_a_partial_killed_record_that_resumes_without_rerunning(
+        interrupted_sweep: InterruptedSweep) -> None:
     """One experiment through both faults (one sweep serves both; each tune start costs Ray, MLflow
     and a dense training): killed (-9) once a trial has finished, resumed, Ctrl-C in the resumed run,
     resumed again to the end. ASHA may not stop a trial (grace period), so every trial must end done."""
-    # A new process per trial (no reuse_actors): a reused process runs these tiny trials in about a second
-    # each, and all three would end within the 3 s the kill waits for Tune's experiment state.
-    path = _write(tmp_path, tune__num_samples=3, tune__max_concurrent_trials=1, tune__objective="single",
-                  tune__grace_period=1000, finetune__epochs=2, tune__reuse_actors=False)
-    exp, uri = tmp_path / "ray_results" / "tiny", f"sqlite:///{tmp_path / 'mlflow.db'}"
-    env = {**os.environ, "TUNE_GLOBAL_CHECKPOINT_S": "1", "RAY_ADDRESS": "local"}  # a fresh Ray, never another one
-    command = [sys.executable, "-m", "passray.tune", "--config", str(path)]
+    sweep = interrupted_sweep.result()
+    root, exp, uri, env, command = sweep.root, sweep.exp, sweep.uri, sweep.env, sweep.command
 
-    # killed: nothing gets to clean up; Tune's periodic experiment state is all --resume has
-    proc = _start_tune(command, env, tmp_path / "killed")
-    try:
-        _wait_for(proc, lambda: _finished(exp))
-        time.sleep(3)  # let Tune write its experiment state
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    finished = _finished(exp)
-
-    # Ctrl-C in the resumed run, once it has reported something new
-    reported = _reported(exp)
-    proc = _start_tune([*command, "--resume", str(exp)], env, tmp_path / "interrupted")
-    try:
-        _wait_for(proc, lambda: _reported(exp) > reported)
-        os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: the whole foreground group
-        proc.wait(timeout=5 * ONE_MINUTE)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    stderr = (tmp_path / "interrupted.err").read_text()
-    assert proc.returncode == 130, stderr[-3000:]
+    returncode, stderr = sweep.interrupted  # Ctrl-C
+    assert returncode == 130, stderr[-3000:]
     line = stderr.strip().splitlines()[-1]  # Tune logs its stop above it
     assert line.startswith("passray.tune: interrupted:") and f"--resume {exp}" in line, stderr[-3000:]
-    results = json.loads((exp / "results.json").read_text())
+    results, text = sweep.partial
     assert results["partial"] is True and "unfinished" in [t["status"] for t in results["trials"]], results
-    assert (exp / "results.txt").read_text().startswith("PARTIAL")
-    parent, children = _runs(uri, "tiny")
-    assert parent.info.status == "KILLED"
-    assert children and {c.info.status for c in children} <= {"KILLED", "FINISHED"}, [c.info.status for c in children]
+    assert text.startswith("PARTIAL")
+    parent, children = sweep.partial_statuses
+    assert parent == "KILLED"
+    assert children and set(children) <= {"KILLED", "FINISHED"}, children
 
     # another config is refused before anything starts; it only reads the experiment, so it runs beside the resume
-    changed = _start_tune([*command, "--resume", str(exp), "--set", "budget.keep_ratio=0.2"], env, tmp_path / "changed")
-    try:
-        resumed = subprocess.run([*command, "--resume", "ray_results/tiny"], env=env, cwd=tmp_path, capture_output=True,
-                                 text=True, timeout=15 * ONE_MINUTE)  # relative, as README shows
-        changed.wait(timeout=5 * ONE_MINUTE)
-    finally:
-        if changed.poll() is None:
-            os.killpg(changed.pid, signal.SIGKILL)
+    changed = sweep.start("--resume", str(exp), "--set", "budget.keep_ratio=0.2", console="changed")
+    resumed = subprocess.run([*command, "--resume", "ray_results/tiny"], env=env, cwd=root, capture_output=True,
+                             text=True, timeout=15 * ONE_MINUTE)  # relative, as README shows
+    changed.wait(timeout=5 * ONE_MINUTE)
     assert changed.returncode == 2
-    assert "config key 'budget.keep_ratio'" in _one_error_line((tmp_path / "changed.err").read_text(), "passray.tune")
+    assert "config key 'budget.keep_ratio'" in _one_error_line((root / "changed.err").read_text(), "passray.tune")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+    finished = sweep.finished
     assert {p: p.read_text().count(DONE) for p in finished} == finished  # neither resume re-ran a finished trial
     results = json.loads((exp / "results.json").read_text())
     assert results["partial"] is False and [t["status"] for t in results["trials"]] == ["done"] * 3, results
