@@ -121,8 +121,9 @@ def _healthy(uri: str) -> bool:
 
 
 @pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory: pytest.TempPathFactory):
-    """URI of a fresh ``mlflow server`` (sqlite backend, proxied artifacts) on a free local port."""
+def mlflow_server_process(tmp_path_factory: pytest.TempPathFactory):
+    """A fresh ``mlflow server`` (sqlite backend, proxied artifacts) on a free local port, started but not
+    waited for (``mlflow_server`` waits): a module may start it early, to boot while its other tests run."""
     root = tmp_path_factory.mktemp("mlflow_server")
     port = free_port()
     command = [str(Path(sys.executable).with_name("mlflow")), "server",
@@ -134,17 +135,23 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory):
         # job execution would start 7 huey consumers per server; the tests need none
         env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
         proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
-    uri = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + SERVER_START_TIMEOUT_S
     try:
-        while not _healthy(uri):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                tail = log_path.read_text(errors="replace")[-2000:]
-                pytest.fail(f"mlflow server did not start (exit {proc.poll()}):\n{tail}")
-            time.sleep(0.5)
-        yield uri
+        yield proc, f"http://127.0.0.1:{port}", log_path
     finally:
         _stop_group(proc)
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(mlflow_server_process) -> str:
+    """URI of the module's ``mlflow server``, once it answers."""
+    proc, uri, log_path = mlflow_server_process
+    deadline = time.monotonic() + SERVER_START_TIMEOUT_S
+    while not _healthy(uri):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            tail = log_path.read_text(errors="replace")[-2000:]
+            pytest.fail(f"mlflow server did not start (exit {proc.poll()}):\n{tail}")
+        time.sleep(0.5)
+    return uri
 
 
 def _stop_group(proc: subprocess.Popen) -> None:

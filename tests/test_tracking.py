@@ -24,6 +24,15 @@ ARCH = "resnet8"
 HYPERNET, STRUCTURE = registry.model_name("hypernet", ARCH), registry.model_name("structure", ARCH)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _server_boots_meanwhile(request) -> None:
+    """This module's mlflow server starts with the module when a selected test needs it: a new store's
+    migrations take seconds, spent while the sqlite-store tests (first, by the order of ``store``) run."""
+    if any(getattr(item, "module", None) is request.module and item.get_closest_marker("mlflow_server")
+           for item in request.session.items):
+        request.getfixturevalue("mlflow_server_process")
+
+
 @pytest.fixture(scope="module", params=["sqlite", pytest.param("server", marks=pytest.mark.mlflow_server)])
 def store(request, tmp_path_factory) -> str:
     if request.param == "server":
