@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import signal
@@ -66,27 +65,75 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def run_together(*commands: list[str], timeout: float, **popen) -> list[subprocess.CompletedProcess]:
+class Together:
     """Independent CLI runs, started at once: each spends its first seconds importing torch (and Ray),
     one core each, so two take about the time of one. Output goes to files, not pipes: a full pipe
     would stall a process (maybe holding a lock the others wait for) until its turn to be read."""
-    with contextlib.ExitStack() as stack:
-        logs = [[stack.enter_context(tempfile.TemporaryFile("w+")) for _stream in ("out", "err")] for _ in commands]
-        procs = [subprocess.Popen(command, stdout=out, stderr=err, text=True, **popen)
-                 for command, (out, err) in zip(commands, logs)]
+
+    def __init__(self, *commands: list[str], **popen) -> None:
+        self.logs = [[tempfile.TemporaryFile("w+") for _stream in ("out", "err")] for _ in commands]
+        self.procs = [subprocess.Popen(command, stdout=out, stderr=err, text=True, **popen)
+                      for command, (out, err) in zip(commands, self.logs)]
+
+    def wait(self, timeout: float) -> list[subprocess.CompletedProcess]:
+        """Each run's outcome, once all have ended; those still running after ``timeout`` are killed."""
         try:
             deadline = time.monotonic() + timeout
-            for proc in procs:
+            for proc in self.procs:
                 proc.wait(timeout=max(0.0, deadline - time.monotonic()))
         finally:
-            for proc in procs:
-                if proc.poll() is None:
-                    proc.kill()
-                    proc.wait()
-        for log in (f for pair in logs for f in pair):
+            self.stop()
+        for log in (f for pair in self.logs for f in pair):
             log.seek(0)
-        return [subprocess.CompletedProcess(proc.args, proc.returncode, out.read(), err.read())
-                for proc, (out, err) in zip(procs, logs)]
+        done = [subprocess.CompletedProcess(proc.args, proc.returncode, out.read(), err.read())
+                for proc, (out, err) in zip(self.procs, self.logs)]
+        for log in (f for pair in self.logs for f in pair):
+            log.close()
+        return done
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
+def run_together(*commands: list[str], timeout: float, **popen) -> list[subprocess.CompletedProcess]:
+    """``Together(*commands, **popen).wait(timeout)``."""
+    return Together(*commands, **popen).wait(timeout)
+
+
+# ---------------------------------------------------------------- work started with the session
+STARTED_EARLY = pytest.StashKey[dict]()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "start_early(starter): the test's work starts with the session (_start_early)")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _start_early(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
+    """Long work of a test that runs in processes of its own (benchmark scripts with their own Ray) starts
+    with the session when that test is selected: ``starter``, a function of the test's module named by the
+    test's ``start_early`` mark, gets an empty folder and returns a handle with ``stop()``; the test reads
+    the handle as ``started_early``. The first in-process tests run one OpenMP thread each (by design,
+    see ``one_thread``) and leave a core idle, which this work uses. What still runs at the end is stopped."""
+    started = {}
+    for item in request.session.items:
+        marker = item.get_closest_marker("start_early")
+        if marker is not None:
+            starter = marker.args[0]
+            started[item.nodeid] = getattr(item.module, starter)(tmp_path_factory.mktemp(starter))
+    request.config.stash[STARTED_EARLY] = started
+    yield
+    for handle in started.values():
+        handle.stop()
+
+
+@pytest.fixture
+def started_early(request: pytest.FixtureRequest):
+    """The handle the test's ``start_early`` starter returned at the session's start."""
+    return request.config.stash[STARTED_EARLY][request.node.nodeid]
 
 
 # What test_data, test_models and test_train import in a fresh interpreter, in this order (see imported_after).

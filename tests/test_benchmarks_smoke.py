@@ -11,6 +11,7 @@ import json
 import shutil
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ BENCH = REPO / "benchmarks"
 sys.path.insert(0, str(BENCH))
 
 from _common import ResultsFile, TimeBudget, estimate, mean_std  # noqa: E402
-from conftest import run_together  # noqa: E402
+from conftest import Together  # noqa: E402
 
 QUALITY_FIELDS = ("setting", "arch", "row", "budget_kind", "finetune_epochs", "method", "allocation", "prompt",
                   "recurrent", "target", "seed", "head_epochs",
@@ -35,14 +36,23 @@ def _run(script: str, *args: str) -> subprocess.CompletedProcess:
     return _run_together([script, *args])[0]
 
 
-def _run_together(*invocations: list[str]) -> list[subprocess.CompletedProcess]:
-    """Each ``[script, *args]`` in smoke mode, all started at once; each must succeed."""
-    procs = run_together(*([sys.executable, str(BENCH / script), "--smoke", *args] for script, *args in invocations),
-                         cwd=REPO, timeout=300)
+def _smoke(*invocations: list[str]) -> Together:
+    """Each ``[script, *args]`` in smoke mode, all started at once."""
+    return Together(*([sys.executable, str(BENCH / script), "--smoke", *args] for script, *args in invocations),
+                    cwd=REPO)
+
+
+def _succeeded(invocations: tuple[list[str], ...], runs: Together) -> list[subprocess.CompletedProcess]:
+    procs = runs.wait(timeout=300)
     for (script, *_), proc in zip(invocations, procs):
         assert proc.returncode == 0, \
             f"{script} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return procs
+
+
+def _run_together(*invocations: list[str]) -> list[subprocess.CompletedProcess]:
+    """Each ``[script, *args]`` in smoke mode, all started at once; each must succeed."""
+    return _succeeded(invocations, _smoke(*invocations))
 
 
 @pytest.fixture(scope="module")
@@ -192,14 +202,35 @@ def test_transfer_smoke_runs_every_mode_and_resumes(smoke: dict[str, dict[str, A
     assert "5 of 5 rows done" in transfer["second"].stdout
 
 
+def _scaling(root: Path) -> tuple[list[str], ...]:
+    results = str(root / "scaling.json")
+    return ["tune_scaling.py", "--results", results], ["train_scaling.py", "--gpus", "2", "--results", results]
+
+
+@dataclass(frozen=True)
+class Started:
+    root: Path
+    runs: Together
+
+    def stop(self) -> None:
+        self.runs.stop()
+
+
+def start_scaling(root: Path) -> Started:
+    """The scaling smoke's two runs, started with the session (conftest's ``start_early``): ~70 s of Ray
+    processes, in the core the first in-process tests leave idle."""
+    return Started(root, _smoke(*_scaling(root)))
+
+
 @pytest.mark.ray
 @pytest.mark.slow
-def test_scaling_smoke_writes_tune_and_ddp_rows_and_resumes(tmp_path: Path) -> None:
+@pytest.mark.start_early("start_scaling")
+def test_scaling_smoke_writes_tune_and_ddp_rows_and_resumes(started_early: Started) -> None:
     """tune_scaling.py (trials packed on 1 logical GPU) and train_scaling.py --gpus (CPU workers) share one file,
     written by both at once (it merges under a lock; together they take ~50 s on 2 cores, one after the other ~70 s)."""
+    tmp_path = started_early.root
     results = tmp_path / "scaling.json"
-    _run_together(["tune_scaling.py", "--results", str(results)],
-                  ["train_scaling.py", "--gpus", "2", "--results", str(results)])
+    _succeeded(_scaling(tmp_path), started_early.runs)
     data = json.loads(results.read_text())
     tune = sorted((r for r in data["rows"] if r["part"] == "tune"), key=lambda r: r["trials_per_gpu"])
     assert [r["trials_per_gpu"] for r in tune] == [1, 2]
