@@ -8,6 +8,9 @@
 - ``session_caches``: passray's caches of dense backbones and registered models live in
   the session's tmp dir (never ~/.cache) for session and module fixtures and the Ray
   clusters they start; each test gets empty ones of its own (``_own_caches``).
+- ``run_together`` / ``Together``: independent subprocesses started at once; a test marked
+  ``start_early(starter)`` has its subprocess work started with the session (``started_early``).
+- ``imported_after``: what importing the core pulls in, read in one fresh interpreter.
 """
 
 from __future__ import annotations

@@ -329,7 +329,8 @@ class InterruptedSweep:
 @pytest.fixture(scope="module", autouse=True)
 def interrupted_sweep(request, tmp_path_factory: pytest.TempPathFactory):
     """The sweep of ``KILL_TEST``, started with the module when that test is to run."""
-    if not any(getattr(item, "module", None) is request.module and item.name == KILL_TEST for item in request.session.items):
+    if not any(getattr(item, "module", None) is request.module and item.name == KILL_TEST
+               for item in request.session.items):
         yield None
         return
     sweep = InterruptedSweep(tmp_path_factory.mktemp("sweep"))
