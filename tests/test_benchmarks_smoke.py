@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import mlflow
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -246,6 +247,11 @@ def test_scaling_smoke_writes_tune_and_ddp_rows_and_resumes(started_early: Start
     results_k1 = list((tmp_path / "work" / "ray_results" / "scaling-k1-w0").glob("*/result.json"))
     pids = {json.loads(line)["pid"] for result in results_k1 for line in result.read_text().splitlines() if line.strip()}
     assert len(results_k1) == 2 and len(pids) == 1, pids
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'work' / 'mlflow.db'}")  # each reused trial: its own run
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    [parent] = [r for r in runs if r.info.run_name == "scaling-k1-w0"]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert sorted(c.info.status for c in children) == ["FINISHED", "FINISHED"]
     ddp = sorted((r for r in data["rows"] if r["part"] == "ddp"), key=lambda r: r["gpus"])
     assert [r["gpus"] for r in ddp] == [1, 2] and all(r["global_batch"] == 16 for r in ddp)
     for row in ddp:
