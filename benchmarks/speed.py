@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 import statistics
 import sys
@@ -34,7 +35,6 @@ from _common import REPO, ResultsFile, TimeBudget, cli, estimate, gpu_settings, 
 
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
 __all__ = ["Case", "main"]
 
@@ -133,14 +133,6 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _autocast(device: torch.device, dtype: str):
-    import contextlib
-
-    if dtype == "bf16" and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
 def _batch(nets: Nets, case: Case, device: torch.device, channels_last: bool) -> tuple[torch.Tensor, torch.Tensor]:
     x = nets.example(case.batch).to(device)
     if channels_last:
@@ -148,14 +140,14 @@ def _batch(nets: Nets, case: Case, device: torch.device, channels_last: bool) ->
     return x, torch.randint(0, nets.args.num_classes, (case.batch,), device=device)
 
 
-def train_step(nets: Nets, case: Case, device: torch.device) -> Callable[[], None]:
+def train_step(nets: Nets, case: Case, device: torch.device, step_graph: bool = True) -> Callable[[], None]:
     """An SGD step of all weights: dense training, or fine-tuning a pruned network."""
     cl = device.type == "cuda"
     net = nets.get(case.net).to(device).train()
     if cl:
         net = net.to(memory_format=torch.channels_last)
     opt = _optimizer(net.parameters(), "sgd", lr=0.01, weight_decay=5e-4)
-    return _step(net, opt, *_batch(nets, case, device, cl), device, case.dtype)
+    return _step(net, opt, *_batch(nets, case, device, cl), device, case.dtype, step_graph)
 
 
 def _optimizer(params, kind: str, **kw) -> torch.optim.Optimizer:
@@ -167,18 +159,16 @@ def _optimizer(params, kind: str, **kw) -> torch.optim.Optimizer:
 
 
 def _step(net: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
-          device: torch.device, dtype: str) -> Callable[[], None]:
-    def step() -> None:
-        with _autocast(device, dtype):
-            loss = F.cross_entropy(net(x).float(), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+          device: torch.device, dtype: str, step_graph: bool) -> Callable[[], None]:
+    """The pipeline's own step (``engine.Step``, as ``run_epoch`` makes it), on one fixed batch."""
+    from passray.engine import Step
 
-    return step
+    step = Step(net, device, optimizer=opt, amp=dtype == "bf16", cuda_graph=step_graph)
+    return functools.partial(step, x, y)
 
 
-def search_step(nets: Nets, case: Case, device: torch.device, cuda_graph: bool = True) -> Callable[[], None]:
+def search_step(nets: Nets, case: Case, device: torch.device, step_graph: bool = True,
+                cuda_graph: bool = True) -> Callable[[], None]:
     """A PASS search step built as ``passray.search`` builds it (backbone frozen but the head)."""
     from passray.budget import Allocator
     from passray.config import BudgetConfig, HypernetConfig, PromptConfig
@@ -207,29 +197,36 @@ def search_step(nets: Nets, case: Case, device: torch.device, cuda_graph: bool =
     net.attach(groups)
     opt = _optimizer([*hypernet.parameters(), *net.prompt.parameters(), *head.parameters()], "adamw", lr=3e-3,
                      weight_decay=0.0)
-    step = _step(SearchNet(net, pruner), opt, *_batch(nets, case, device, cl), device, case.dtype)
+    step = _step(SearchNet(net, pruner), opt, *_batch(nets, case, device, cl), device, case.dtype, step_graph)
     step.pruner = pruner  # type: ignore[attr-defined]  (for graph_matches_eager)
     return step
 
 
-def graph_matches_eager(nets: Nets, case: Case, device: torch.device, steps: int = 3) -> bool | None:
-    """Do the CUDA-graphed mask computation and the eager one draw the same masks, step after step,
-    from the same start? (Deterministic kernels, so that only the launch path differs.) None on a CPU."""
+def graph_matches_eager(nets: Nets, case: Case, device: torch.device, steps: int = 6) -> dict[str, Any] | None:
+    """Do the CUDA-graphed search steps (the mask computation's graph, and the whole step's) and the eager
+    ones draw the same masks and reach the same losses, step after step, from the same start?
+    (Deterministic kernels, so that only the launch path differs.) None on a CPU."""
     if device.type != "cuda":
         return None
-    masks = {}
+    runs = {}
     torch.use_deterministic_algorithms(True, warn_only=True)
     try:
-        for graph in (False, True):
+        for graphs in ((False, False), (False, True), (True, False)):  # (whole step, mask computation)
             torch.manual_seed(0)
-            step, drawn = search_step(nets, case, device, cuda_graph=graph), []
+            step, drawn, losses = search_step(nets, case, device, *graphs), [], []
             for _ in range(steps):
                 step()
                 drawn.append([m.clone() for m in step.pruner.last.masks])
-            masks[graph] = drawn
+                losses.append(float(step.func.sums[0]))  # running sum of loss * n
+            runs[graphs] = drawn, losses
     finally:
         torch.use_deterministic_algorithms(False)
-    return all(torch.equal(a, b) for x, y in zip(masks[False], masks[True]) for a, b in zip(x, y))
+    (eager_masks, eager_losses) = runs[(False, False)]
+    same = {name: all(torch.equal(a, b) for x, y in zip(eager_masks, runs[g][0]) for a, b in zip(x, y))
+            for name, g in (("mask_graph", (False, True)), ("step_graph", (True, False)))}
+    diff = {name: max(abs(a - b) / max(abs(a), 1e-12) for a, b in zip(eager_losses, runs[g][1]))
+            for name, g in (("mask_graph", (False, True)), ("step_graph", (True, False)))}
+    return {"steps": steps, "masks_equal": same, "loss_max_relative_difference": diff}
 
 
 def infer_step(nets: Nets, case: Case, device: torch.device) -> Callable[[], None]:
@@ -238,7 +235,7 @@ def infer_step(nets: Nets, case: Case, device: torch.device) -> Callable[[], Non
     from passray.serving import Served
 
     served = Served(nets.get(case.net), case.batch, device, case.dtype,
-                    input_shape=(3, nets.args.image_size, nets.args.image_size))
+                    input_shape=(3, nets.args.image_size, nets.args.image_size), compile=nets.args.serve_compile)
     x = _batch(nets, case, device, device.type == "cuda")[0].to(served.dtype)
     return lambda: served(x)
 
@@ -270,13 +267,20 @@ def measure(nets: Nets, case: Case, args: argparse.Namespace) -> dict[str, Any]:
         torch.cuda.reset_peak_memory_stats(device)
     step = BUILDERS[case.part](nets, case, device)
     # A search step is timed in alternation with a dense training step: both see the same host and
-    # GPU conditions, which drift by more than the difference between them on a shared machine.
-    dense = train_step(nets, Case("train", "dense", case.device, case.batch, case.dtype), device) \
-        if case.part == "search" else None
+    # GPU conditions, which drift by more than the difference between them on a shared machine. On a
+    # GPU, steps run as replayed CUDA graphs (engine.Step), and the eager steps are timed beside them.
+    stepping = case.part in ("train", "search")
+    dense_case = Case("train", "dense", case.device, case.batch, case.dtype)
+    timed_fns = {"step": step}
+    if case.part == "search":
+        timed_fns["dense"] = train_step(nets, dense_case, device)
+    if stepping and device.type == "cuda":
+        timed_fns["eager"] = BUILDERS[case.part](nets, case, device, step_graph=False)
+        if case.part == "search":
+            timed_fns["eager_dense"] = train_step(nets, dense_case, device, step_graph=False)
     for _ in range(args.warmup):
-        step()
-        if dense is not None:
-            dense()
+        for fn in timed_fns.values():
+            fn()
     _sync(device)
     syncs = _count_syncs(step, device)
 
@@ -288,15 +292,23 @@ def measure(nets: Nets, case: Case, args: argparse.Namespace) -> dict[str, Any]:
         _sync(device)
         return (time.perf_counter() - t0) / steps
 
-    per_repeat, dense_repeats = [], []
+    repeats: dict[str, list[float]] = {name: [] for name in timed_fns}
     for _ in range(args.repeats):
-        per_repeat.append(timed(step))
-        if dense is not None:
-            dense_repeats.append(timed(dense))
-    seconds_per_step = statistics.median(per_repeat)
-    paired = {} if dense is None else {
-        "dense_ms_per_step_paired": 1000 * statistics.median(dense_repeats),
-        "search_step_over_dense_step_paired": statistics.median(dense_repeats) / seconds_per_step}
+        for name, fn in timed_fns.items():
+            repeats[name].append(timed(fn))
+    per_repeat = repeats["step"]
+    median = {name: statistics.median(times) for name, times in repeats.items()}
+    seconds_per_step = median["step"]
+    paired = {}
+    if "dense" in median:
+        paired.update(dense_ms_per_step_paired=1000 * median["dense"],
+                      search_step_over_dense_step_paired=median["dense"] / seconds_per_step)
+    if "eager" in median:
+        paired.update(step_cuda_graph=True, eager_ms_per_step=1000 * median["eager"])
+    if "eager_dense" in median:
+        paired.update(eager_dense_ms_per_step_paired=1000 * median["eager_dense"],
+                      eager_search_step_over_dense_step_paired=median["eager_dense"] / median["eager"],
+                      search_step_over_eager_dense_step_paired=median["eager_dense"] / seconds_per_step)
     exact = graph_matches_eager(nets, case, device) if case.part == "search" else None
     name = case.net if case.part != "search" else "dense"
     macs, params = nets.cost(name)
@@ -304,7 +316,7 @@ def measure(nets: Nets, case: Case, args: argparse.Namespace) -> dict[str, Any]:
     return {**asdict(case), "images_per_s": case.batch / seconds_per_step, "ms_per_step": 1000 * seconds_per_step,
             "ms_per_step_repeats": [1000 * t for t in per_repeat], "steps": steps, "warmup": args.warmup,
             "macs": macs, "params": params, "macs_ratio": macs / dense_macs, "params_ratio": params / dense_params,
-            "host_syncs_per_step": syncs, "cuda_graph_masks_match_eager": exact, **paired, "threads": torch.get_num_threads() if device.type == "cpu" else None,
+            "host_syncs_per_step": syncs, "graphs_match_eager": exact, **paired, "threads": torch.get_num_threads() if device.type == "cpu" else None,
             "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
             "seconds": time.perf_counter() - started, "finished": now()}
 
@@ -397,10 +409,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, help="repeats; the median is reported (default 5)")
     p.add_argument("--search-epochs", type=int, default=8, help="for (c): search epochs of the quality protocol")
     p.add_argument("--train-images", type=int, default=45000, help="for (c): images per epoch (45k/5k train/val)")
+    p.add_argument("--serve-compile", default="default", choices=["default", "max-autotune", "none"],
+                   help="torch.compile mode of the served networks on a GPU (passray.serving.Served; default: default)")
     p.add_argument("--time-budget", type=float, metavar="SECONDS", help="start no measurement that would end after this")
     p.add_argument("--smoke", action="store_true", help="CPU only, tiny convnet, a few steps")
     p.add_argument("--debug", action="store_true", help="full tracebacks")
     args = p.parse_args(argv)
+    args.serve_compile = None if args.serve_compile == "none" else args.serve_compile
     smoke = dict(arch="convnet", targets=[0.5], batch_size=32, infer_batch=16, warmup=1, steps=2, latency_steps=2, repeats=1)
     full = dict(arch="resnet18", targets=[0.5, 0.25], batch_size=512, infer_batch=1024, warmup=10, steps=30,
                 latency_steps=100, repeats=5)
@@ -419,14 +434,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def protocol(args: argparse.Namespace) -> dict[str, Any]:
     keys = ("smoke", "arch", "width", "image_size", "num_classes", "min_channels", "round_to", "warmup", "steps",
-            "latency_steps", "repeats")
+            "latency_steps", "repeats", "serve_compile")
     return {**{k: getattr(args, k) for k in keys}, "weights": args.weights and Path(args.weights).name,
             "timing": "median over repeats of (wall time of `steps` steps between device syncs) / steps, after warm-up; "
                       "synthetic inputs already on the device (no data loading)",
             "search_step": "passray.search.SearchNet: PrunableNet + PassPruner (pad prompt 4, LSTM hidden 64), allocator on "
                            "the device each step, mask computation as a CUDA graph on a GPU (hypernet.cuda_graph), masks "
-                           "folded into BatchNorm affines, backbone frozen but the head, AdamW on hypernet + prompt + head",
-            "infer_step": "passray.serving.Served: eval, bf16 weights/inputs, channels_last + one CUDA graph per batch on a GPU",
+                           "folded into BatchNorm affines, backbone frozen but the head, AdamW on hypernet + prompt + head; "
+                           "steps are passray.engine.Step (as run_epoch makes them): on a GPU forward + backward as one "
+                           "replayed CUDA graph (cuda_graph), eager twins timed beside (eager_*)",
+            "infer_step": "passray.serving.Served: eval, BN folded, bf16 weights/inputs, channels_last, torch.compile "
+                          "(serve_compile) + one CUDA graph per batch on a GPU",
             "train_step": "SGD (Nesterov; engine.build_optimizer: fused on CUDA) on all weights; bf16 autocast and channels_last on CUDA",
             "pruned_nets": "passray.budget.Allocator masks (min_channels/round_to above) from l1-uniform and "
                            "l2-global scores, physically pruned with groups.prune; random init unless weights given"}

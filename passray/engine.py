@@ -20,8 +20,9 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from passray.config import OptimConfig
+from passray.step_graph import StepGraph, graphable
 
-__all__ = ["Distillation", "autocast", "build_optimizer", "distillation_loss", "evaluate", "recalibrate_bn",
+__all__ = ["Distillation", "Step", "autocast", "build_optimizer", "distillation_loss", "evaluate", "recalibrate_bn",
            "resolve_device", "run_epoch"]
 
 StepHook = Callable[[int], None]
@@ -113,36 +114,70 @@ class Distillation:
         return distillation_loss(logits, teacher_logits, targets, self.weight, self.temperature, label_smoothing)
 
 
+class Step:
+    """One step of ``model`` on a batch ``(x, y)``: forward and loss, and with an optimizer backward,
+    optimizer and scheduler step; (loss * n, correct, n) are added to ``sums`` on the device.
+
+    ``cuda_graph``: on one GPU (``step_graph.graphable``), a training step's forward, loss, backward and
+    sums run as one replayed CUDA graph (``passray.step_graph``). The optimizer and scheduler step stay
+    eager: the learning rate is a Python number that changes every step, and a fused optimizer is a
+    few kernels. The graph writes the gradients in place, so they are zeroed, not freed, once it exists.
+    """
+
+    def __init__(self, model: nn.Module, device: torch.device, *, optimizer=None, scheduler=None, amp: bool = False,
+                 label_smoothing: float = 0.0, distill: Distillation | None = None, cuda_graph: bool = False) -> None:
+        self.model, self.device, self.optimizer, self.scheduler = model, device, optimizer, scheduler
+        self.amp, self.label_smoothing, self.distill = amp, label_smoothing, distill
+        self.sums = torch.zeros(3, device=device, dtype=torch.float64)  # loss * n, correct, n
+        training = optimizer is not None
+        self.graph = StepGraph(self._body, model) if training and cuda_graph and graphable(device) else None
+
+    def _body(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        training = self.optimizer is not None
+        with autocast(self.device, self.amp):
+            logits = self.model(x)
+            if training and self.distill is not None:
+                loss = self.distill.loss(x, logits, y, self.label_smoothing)
+            else:
+                loss = F.cross_entropy(logits.float(), y, label_smoothing=self.label_smoothing if training else 0.0)
+        if training:
+            self.optimizer.zero_grad(set_to_none=self.graph is None or not self.graph.captured)
+            loss.backward()
+        n = y.numel()  # Python scalars go to the kernels as arguments: no host-device copy
+        self.sums[0] += loss.detach().double() * n
+        self.sums[1] += (logits.argmax(1) == y).sum()
+        self.sums[2] += n
+
+    def close(self) -> None:
+        """Free the captured graph and its memory now (it refers back to this step: a cycle that only
+        the garbage collector would break, epochs later)."""
+        self.graph = None
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        (self.graph or self._body)(x, y)
+        if self.optimizer is not None:
+            self.optimizer.step()
+            if self.scheduler is not None:
+                self.scheduler.step()
+
+
 def run_epoch(model: nn.Module, loader: Iterable, device: torch.device, *, optimizer=None, scheduler=None,
               amp: bool = False, label_smoothing: float = 0.0, distill: Distillation | None = None,
               on_step: StepHook | None = None, step_offset: int = 0, desc: str = "",
-              progress: bool = False) -> dict[str, float]:
-    """One pass over ``loader``; trains when an optimizer is given (with ``distill``: on the KD loss).
-    Returns loss/accuracy."""
-    training = optimizer is not None
-    sums = torch.zeros(3, device=device, dtype=torch.float64)  # loss * n, correct, n
-    context = contextlib.nullcontext() if training else torch.no_grad()
-    with context:
-        for step, (x, y) in enumerate(_batches(loader, desc, progress)):
-            if on_step is not None:
-                on_step(step_offset + step)
-            with autocast(device, amp):
-                logits = model(x)
-                if training and distill is not None:
-                    loss = distill.loss(x, logits, y, label_smoothing)
-                else:
-                    loss = F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing if training else 0.0)
-            if training:
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                if scheduler is not None:
-                    scheduler.step()
-            n = y.numel()  # Python scalars go to the kernels as arguments: no host-device copy
-            sums[0] += loss.detach().double() * n
-            sums[1] += (logits.argmax(1) == y).sum()
-            sums[2] += n
-    loss_sum, correct, n = _reduce(sums).tolist()
+              progress: bool = False, cuda_graph: bool = False) -> dict[str, float]:
+    """One pass over ``loader``; trains when an optimizer is given (with ``distill``: on the KD loss;
+    with ``cuda_graph``: as a replayed CUDA graph on one GPU, see ``Step``). Returns loss/accuracy."""
+    step = Step(model, device, optimizer=optimizer, scheduler=scheduler, amp=amp, label_smoothing=label_smoothing,
+                distill=distill, cuda_graph=cuda_graph)
+    try:
+        with contextlib.nullcontext() if optimizer is not None else torch.no_grad():
+            for i, (x, y) in enumerate(_batches(loader, desc, progress)):
+                if on_step is not None:
+                    on_step(step_offset + i)
+                step(x, y)
+    finally:
+        step.close()
+    loss_sum, correct, n = _reduce(step.sums).tolist()
     return {"loss": loss_sum / max(n, 1), "accuracy": correct / max(n, 1)}
 
 

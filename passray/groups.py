@@ -239,7 +239,8 @@ class ChannelGroups:
     def _trace(cls, model: nn.Module, example_input: torch.Tensor, ignored_layers: Sequence[nn.Module],
                names: dict[nn.Module, str]) -> tuple[object, list[ChannelGroup], dict[str, str]]:
         """Torch-Pruning's dependency graph, the prunable groups, and why the others are left whole."""
-        dg = tp.DependencyGraph().build_dependency(model, example_inputs=example_input, verbose=False)
+        dg = _DependencyGraph().build_dependency(model, example_inputs=example_input.detach().requires_grad_(),
+                                                 verbose=False)
         for node in dg.module2node.values():
             if _is_channel_slice(node):
                 # Coupling stops at a channel slice: Torch-Pruning maps through it wrongly, and on chains of
@@ -348,6 +349,30 @@ class ChannelGroups:
 
     def pruning_history(self) -> list:
         return [[name, bool(is_out), [int(i) for i in idxs]] for name, is_out, idxs in self.dg.pruning_history()]
+
+
+class _DependencyGraph(tp.DependencyGraph):
+    """Torch-Pruning's graph, traced from an input that requires grad while the modules' own parameters
+    do not.
+
+    The graph keeps the traced autograd nodes (Torch-Pruning reads their saved sizes when it prunes).
+    Traced with the parameters, it would keep their gradient accumulators alive too, tied to the CUDA
+    stream of the trace, and every later backward would accumulate there: a step captured as a CUDA
+    graph (``passray.step_graph``) on its own stream then fails. Torch-Pruning finds modules by forward
+    hooks; of the accumulators it reads only the unwrapped parameters' (timm's layer scales, say),
+    which keep requiring grad.
+    """
+
+    def _trace(self, model, *args, **kwargs):
+        unwrapped = {id(p) for p, _ in self.unwrapped_parameters}
+        frozen = [p for p in model.parameters() if p.requires_grad and id(p) not in unwrapped]
+        for p in frozen:
+            p.requires_grad_(False)
+        try:
+            return super()._trace(model, *args, **kwargs)
+        finally:
+            for p in frozen:
+                p.requires_grad_(True)
 
 
 class _OutOfTime(BaseException):

@@ -45,6 +45,7 @@ from safetensors.torch import load_file, save_file
 from passray.budget import Allocation, Allocator
 from passray.config import HypernetConfig
 from passray.groups import ChannelGroups
+from passray.step_graph import in_step_graph
 
 __all__ = ["PassHypernet", "PassPruner", "channel_features", "create_pass_pruner", "global_priors", "group_statistics",
            "load_hypernet", "magnitude_priors", "save_hypernet", "standardised"]
@@ -276,6 +277,7 @@ class PassPruner(nn.Module):
         self.register_buffer("features", channel_features(groups, priors), persistent=False)
         index = torch.repeat_interleave(torch.arange(len(self.widths)), torch.tensor(self.widths))
         self.register_buffer("group_index", index, persistent=False)
+        self.register_buffer("_noise_t", torch.zeros(len(index)), persistent=False)
         self.last: Allocation | None = None
 
     @property
@@ -302,12 +304,19 @@ class PassPruner(nn.Module):
         return (u.log() - (-u).log1p()) * self.temperature_t
 
     def forward(self, prompt: torch.Tensor | None) -> list[torch.Tensor]:
-        noise = self._noise() if self.sample and self.training else None
+        noise = None
+        if self.sample and self.training:  # captured in a whole-step graph: the noise buffer, refilled each replay
+            noise = self._noise_t if _capturing(self.stats) else self._noise()
         if self._graphable(prompt):
             out = self._replay(prompt, noise)
         else:
             out = self._flat_masks(self.scores(prompt), noise)
         return self._record(*out)
+
+    def before_replay(self) -> None:
+        """A captured step (``passray.step_graph``) replays: this step's noise goes where the graph reads it."""
+        if self.sample and self.training:
+            self._noise_t.copy_(self._noise())
 
     def _masks(self, z: torch.Tensor) -> list[torch.Tensor]:
         """Deterministic straight-through masks from given scores (no sampling)."""
@@ -340,7 +349,7 @@ class PassPruner(nn.Module):
     def _graphable(self, prompt: torch.Tensor | None) -> bool:
         distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
         return (self.cuda_graph and self.training and prompt is not None and prompt.is_cuda
-                and torch.is_grad_enabled() and not distributed)
+                and torch.is_grad_enabled() and not distributed and not in_step_graph())
 
     def _replay(self, prompt: torch.Tensor, noise: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
         if self._graphed is None:
@@ -357,6 +366,11 @@ class PassPruner(nn.Module):
         else:
             static_noise.copy_(noise)
         return graphed(prompt, static_noise)
+
+
+def _capturing(t: torch.Tensor) -> bool:
+    """Is ``t``'s CUDA stream being captured (by ``passray.step_graph``)? Never asks CUDA for a CPU tensor."""
+    return t.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
 class _GraphedMasks(nn.Module):

@@ -4,8 +4,8 @@ Fast: masks folded into BatchNorm's affine (``groups._Gates.fold_batch_norm``). 
 a forward hook multiplying every gated output. On the embedded default (digits, convnet,
 PASS with sampled masks), a few search steps from the same start must draw the same masks
 and give the same loss and the same gradients for hypernet, prompt and head (fp32 tolerance).
-The CUDA-graph half (``hypernet.cuda_graph``) is checked the same way against the eager step
-on a GPU (skipped without one).
+The CUDA-graph halves (``hypernet.cuda_graph``: the mask computation; ``cuda_graph``: the whole
+step, ``engine.Step``) are checked the same way against the eager step on a GPU (skipped without one).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from passray import engine
 from passray.budget import Allocator
 from passray.config import load_config
 from passray.data import load_dataset, make_loaders
@@ -25,10 +26,8 @@ from passray.prompts import create_prompt
 from passray.search import SearchNet
 
 
-def _search_steps(steps: int = 3, device: str = "cpu",
-                  cuda_graph: bool = False) -> tuple[list[float], list[list[torch.Tensor]], dict[str, torch.Tensor]]:
-    """Losses and drawn masks of ``steps`` search steps (SGD: updates stay proportional to gradients),
-    the gradients of the first step and the hypernet after the last."""
+def _search_setup(device: str, cuda_graph: bool):
+    """The embedded default's search network, pruner and trainable parameters, from seed 0."""
     cfg = load_config("tune_configs/quickstart.yaml", ["data.limit_train=256", f"hypernet.cuda_graph={cuda_graph}"])
     torch.manual_seed(0)
     ds = load_dataset(cfg.data)
@@ -43,6 +42,15 @@ def _search_steps(steps: int = 3, device: str = "cpu",
     head.requires_grad_(True)
     model = SearchNet(net, pruner).to(device).train()
     params = [*pruner.hypernet.parameters(), *net.prompt.parameters(), *head.parameters()]
+    return model, params, loaders
+
+
+def _search_steps(steps: int = 3, device: str = "cpu",
+                  cuda_graph: bool = False) -> tuple[list[float], list[list[torch.Tensor]], dict[str, torch.Tensor]]:
+    """Losses and drawn masks of ``steps`` search steps (SGD: updates stay proportional to gradients),
+    the gradients of the first step and the hypernet after the last."""
+    model, params, loaders = _search_setup(device, cuda_graph)
+    pruner, net, head, backbone = model.pruner, model.net, classifier(model.net.backbone), model.net.backbone
     optimizer = torch.optim.SGD(params, lr=0.05)
     losses, masks, grads = [], [], {}
     for step, (x, y) in zip(range(steps), loaders.train):
@@ -59,6 +67,25 @@ def _search_steps(steps: int = 3, device: str = "cpu",
     grads.update({f"after.{k}": p.detach().cpu() for k, p in pruner.hypernet.named_parameters()})
     grads.update({k: v.cpu() for k, v in backbone.state_dict().items() if "running" in k})  # BN statistics move alike
     return losses, masks, grads
+
+
+def _engine_steps(step_graph: bool, steps: int = 7) -> tuple[list[float], list[list[torch.Tensor]], dict[str, torch.Tensor]]:
+    """Losses and drawn masks of ``steps`` search steps through ``engine.Step`` (what ``run_epoch`` runs) on the
+    GPU, with the whole step as a replayed CUDA graph or eager, and the hypernet and BN statistics after them."""
+    model, params, loaders = _search_setup("cuda", cuda_graph=False)
+    step = engine.Step(model, torch.device("cuda"), optimizer=torch.optim.SGD(params, lr=0.05), cuda_graph=step_graph)
+    batches = list(loaders.train)
+    losses, masks, total = [], [], 0.0
+    for i in range(steps):
+        x, y = batches[i % len(batches)]
+        step(x, y)
+        losses.append((float(step.sums[0]) - total) / len(y))
+        total = float(step.sums[0])
+        masks.append([m.cpu() for m in model.pruner.last.masks])
+    assert (step.graph is not None and step.graph.captured) == step_graph
+    after = {f"after.{k}": p.detach().cpu() for k, p in model.pruner.hypernet.named_parameters()}
+    after.update({k: v.cpu() for k, v in model.net.backbone.state_dict().items() if "running" in k})
+    return losses, masks, after
 
 
 def _assert_same_steps(fast, reference, rtol: float = 1e-4) -> None:
@@ -78,6 +105,12 @@ def test_folded_batch_norm_gates_match_the_hooks(monkeypatch: pytest.MonkeyPatch
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_cuda_graph_step_matches_the_eager_step() -> None:
     _assert_same_steps(_search_steps(device="cuda", cuda_graph=True), _search_steps(device="cuda"), rtol=1e-3)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_whole_step_graph_matches_the_eager_step() -> None:
+    """Two eager warm-up steps, the capture, then replays: the same masks, losses, hypernet and BN statistics."""
+    _assert_same_steps(_engine_steps(step_graph=True), _engine_steps(step_graph=False), rtol=1e-3)
 
 
 def test_folding_applies_to_every_whole_group_batch_norm() -> None:

@@ -319,3 +319,26 @@ def test_groups_follow_execution_order_not_registration_order() -> None:
 
     groups = build_groups(Reversed(), 16)
     assert [g.name for g in groups.groups] == ["early.0", "late.0"]
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "mobilenet_v2"])
+def test_grouping_keeps_no_gradient_accumulator_of_the_model_alive(arch: str) -> None:
+    """Torch-Pruning's graph keeps the traced autograd nodes; none may be a parameter's gradient
+    accumulator (it would tie every later backward to the trace's CUDA stream, and a step captured
+    as a CUDA graph on another stream fails). The parameters still require grad afterwards."""
+    backbone = create_backbone(ModelConfig(arch=arch, cifar_stem=True), 10)
+    groups = build_groups(backbone, 32)
+    params = {id(p) for p in backbone.parameters()}
+    pending = [node.grad_fn for node in groups.dg.module2node.values() if node.grad_fn is not None]
+    assert pending, "the graph holds no autograd nodes: this test checks nothing"
+    seen, held = set(), set()
+    while pending:
+        fn = pending.pop()
+        if fn is None or id(fn) in seen:
+            continue
+        seen.add(id(fn))
+        if id(getattr(fn, "variable", None)) in params:
+            held.add(id(fn.variable))
+        pending.extend(f for f, _ in fn.next_functions)
+    assert not held, f"{len(held)} parameters' gradient accumulators are kept alive by the grouping"
+    assert all(p.requires_grad for p in backbone.parameters())
