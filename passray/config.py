@@ -98,7 +98,7 @@ class HypernetConfig(_Section):
     estimator: Literal["dropped", "straight_through"] = Field("dropped", description="gradient of a channel's score: dropped = the loss's sensitivity to adding the channel back, taken while it is dropped (its worth given the rest); straight_through = at the hard mask, kept channels too (there it is biased: shrinking any channel's output lowers a miscalibrated loss)")
     project_budget: bool = Field(True, description="remove from the mask gradient its component that would change the budget (the allocator undoes it anyway), leaving the exchange of channels at equal cost")
     warmup_epochs: int = Field(0, ge=0, description="first search epochs train only head and prompt under the prior's masks (a new head starts random; its gradients would mislead the hypernet)")
-    cuda_graph: bool = Field(True, description="on one GPU (not under DDP), capture the mask computation (hypernet, allocator, straight-through masks) as a CUDA graph: the same masks from two graph launches a step instead of hundreds of kernels")
+    cuda_graph: bool = Field(True, description="on one GPU (not under DDP), capture the mask computation (hypernet, allocator, straight-through masks) as a CUDA graph: the same masks from two graph launches a step instead of hundreds of kernels; it stands aside while the whole step is one graph (cuda_graph)")
 
 
 class OptimConfig(_Section):

@@ -39,6 +39,8 @@ def test_served_refuses_other_shapes_and_dtypes() -> None:
         served(torch.randn(3, 3, 32, 32))
     with pytest.raises(ValueError, match="dtype 'int8'"):
         Served(_trained_net("convnet"), batch_size=2, device="cpu", dtype="int8")
+    with pytest.raises(ValueError, match="compile 'fast': choose one of default, max-autotune or None"):
+        Served(_trained_net("convnet"), batch_size=2, device="cpu", dtype="fp32", compile="fast")
 
 
 def test_untraceable_network_is_served_unfolded(caplog: pytest.LogCaptureFixture) -> None:
