@@ -3,7 +3,11 @@
 Not a benchmark (speed.py is): a one-off to decide what to build. Prints tables and one JSON line.
 
     python benchmarks/probe_speed.py search     # step variants timed in alternation + kernel tables
-    python benchmarks/probe_speed.py serve      # Served eager+graph vs compiled+graph, batch 1 and 1024
+    python benchmarks/probe_speed.py search --step-graph   # the same, each step a replayed CUDA graph
+    python benchmarks/probe_speed.py serve      # Served uncompiled vs compiled (both graphed), batch 1 and 1024
+
+probe_speed.json was measured before ``Served`` compiled (the compiled modes were built by hand then,
+as ``Served(compile=...)`` builds them now) and before training steps were graphed.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from torch.profiler import ProfilerActivity, profile  # noqa: E402
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 ARGS = speed.parse_args(["--results", "/tmp/probe.json"])
 NETS = speed.Nets(ARGS)
+STEP_GRAPH = "--step-graph" in sys.argv  # steps as replayed CUDA graphs (engine.Step); eager by default
 
 
 def ms(fn, steps: int = 30) -> float:
@@ -83,11 +88,11 @@ def search_variant(target: float, bn: str = "batch", masks: str = "pruner", prom
     model = net if masks == "none" else searching
     opt = speed._optimizer(params, "adamw", lr=3e-3, weight_decay=0.0)
     case = speed.Case("search", f"pass@{target}", "cuda", 512, "bf16")
-    return speed._step(model, opt, *speed._batch(NETS, case, DEV, True), DEV, "bf16")
+    return speed._step(model, opt, *speed._batch(NETS, case, DEV, True), DEV, "bf16", STEP_GRAPH)
 
 
 def dense_step():
-    return speed.train_step(NETS, speed.Case("train", "dense", "cuda", 512, "bf16"), DEV)
+    return speed.train_step(NETS, speed.Case("train", "dense", "cuda", 512, "bf16"), DEV, STEP_GRAPH)
 
 
 def probe_search() -> dict:
@@ -120,21 +125,16 @@ def probe_serve() -> dict:
     from passray.serving import Served
 
     out = {}
-    modes = {"graph": None, "compile+graph": "default", "autotune+graph": "max-autotune-no-cudagraphs"}
+    modes = {"graph": None, "compile+graph": "default", "autotune+graph": "max-autotune"}  # Served(compile=...)
     for net_name in ("dense", "uniform_l1@0.25"):
         for batch in (1, 1024):
             x = torch.randn(batch, 3, 32, 32, device=DEV, dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
             for mode_name, mode in modes.items():
-                if mode == "max-autotune-no-cudagraphs" and batch != 1:
+                if mode == "max-autotune" and batch != 1:
                     continue
                 t0 = time.perf_counter()
                 try:
-                    if mode is None:
-                        served = Served(NETS.get(net_name), batch, DEV, "bf16", input_shape=(3, 32, 32))
-                    else:
-                        served = Served(NETS.get(net_name), batch, DEV, "bf16", input_shape=(3, 32, 32), cuda_graph=False)
-                        served.net = torch.compile(served.net, mode=mode, dynamic=False)
-                        served._capture(3)
+                    served = Served(NETS.get(net_name), batch, DEV, "bf16", input_shape=(3, 32, 32), compile=mode)
                 except Exception as err:  # noqa: BLE001
                     print(f"!! {net_name} b{batch} {mode_name}: {type(err).__name__}: {str(err)[:300]}", flush=True)
                     continue
