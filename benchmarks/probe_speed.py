@@ -56,39 +56,21 @@ def kernels(fn, name: str, n: int = 5, rows: int = 25) -> dict:
 
 
 def search_variant(target: float, bn: str = "batch", masks: str = "pruner", prompt: str = "pad"):
-    """speed.search_step, with knobs: BN mode, where masks come from, prompt on/off."""
-    from passray.budget import Allocator
-    from passray.config import BudgetConfig, HypernetConfig, PromptConfig
-    from passray.groups import build_groups
-    from passray.hypernet import create_pass_pruner
-    from passray.models import classifier
-    from passray.network import PrunableNet
-    from passray.prompts import create_prompt
-    from passray.search import SearchNet
-
-    backbone = NETS.get("dense").to(DEV).to(memory_format=torch.channels_last)
-    net = PrunableNet(backbone, create_prompt(PromptConfig(kind=prompt), 32)).to(DEV).train()
-    groups = build_groups(backbone, 32)
-    budget = BudgetConfig(keep_ratio=target, allocation="global", min_channels=8, round_to=8)
-    torch.manual_seed(0)
-    pruner = create_pass_pruner(groups, HypernetConfig(), Allocator(groups.cost, budget, DEV), net.prompt.enabled).to(DEV)
-    head = classifier(backbone)
-    backbone.requires_grad_(False)
-    head.requires_grad_(True)
-    net.attach(groups)
+    """``speed.search_step`` with one knob turned: BN mode, where masks come from, prompt on/off."""
+    step = speed.search_step(NETS, speed.Case("search", f"pass@{target}", "cuda", 512, "bf16"), DEV, STEP_GRAPH,
+                             prompt=prompt)
+    searching = step.func.model
     if bn == "frozen":
-        for m in backbone.modules():
+        for m in searching.modules():
             if isinstance(m, nn.modules.batchnorm._BatchNorm):
                 m.eval()
-    searching = SearchNet(net, pruner)
-    params = [*pruner.hypernet.parameters(), *net.prompt.parameters(), *head.parameters()]
-    if masks == "fixed":
-        searching.fixed = [m.detach() for m in pruner.hard_masks(net.prompt.tensor()).masks]
-        params = [*net.prompt.parameters(), *head.parameters()]
-    model = net if masks == "none" else searching
-    opt = speed._optimizer(params, "adamw", lr=3e-3, weight_decay=0.0)
-    case = speed.Case("search", f"pass@{target}", "cuda", 512, "bf16")
-    return speed._step(model, opt, *speed._batch(NETS, case, DEV, True), DEV, "bf16", STEP_GRAPH)
+    if masks == "fixed":  # the hypernet gets no gradient: the optimizer skips it
+        searching.fixed = [m.detach() for m in step.pruner.hard_masks(searching.net.prompt.tensor()).masks]
+    elif masks == "none":  # the ungated network
+        step.func.model = searching.net
+        if step.func.graph is not None:
+            step.func.graph.model = searching.net
+    return step
 
 
 def dense_step():

@@ -168,7 +168,7 @@ def _step(net: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: 
 
 
 def search_step(nets: Nets, case: Case, device: torch.device, step_graph: bool = True,
-                cuda_graph: bool = True) -> Callable[[], None]:
+                cuda_graph: bool = True, prompt: str = "pad") -> Callable[[], None]:
     """A PASS search step built as ``passray.search`` builds it (backbone frozen but the head)."""
     from passray.budget import Allocator
     from passray.config import BudgetConfig, HypernetConfig, PromptConfig
@@ -183,7 +183,7 @@ def search_step(nets: Nets, case: Case, device: torch.device, step_graph: bool =
     backbone = nets.get("dense").to(device)
     if cl:
         backbone = backbone.to(memory_format=torch.channels_last)
-    net = PrunableNet(backbone, create_prompt(PromptConfig(), nets.args.image_size)).to(device).train()
+    net = PrunableNet(backbone, create_prompt(PromptConfig(kind=prompt), nets.args.image_size)).to(device).train()
     groups = build_groups(backbone, nets.args.image_size)
     budget = BudgetConfig(keep_ratio=float(case.net.split("@")[1]), allocation="global",
                           min_channels=nets.args.min_channels, round_to=nets.args.round_to)

@@ -66,13 +66,18 @@ class StepGraph:
         return self.graph is not None
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        self._calls += 1
-        if self.graph is None and (self.failed or self._calls <= self.warmup):
-            self._eager(x, y)
-        elif self.graph is None:
-            self._capture(x, y)
         if self.graph is None:
-            return
+            self._calls += 1
+            if self.failed:
+                self.step(x, y)
+            elif self._calls <= self.warmup:
+                # on the capture's stream: autograd remembers the stream that first accumulated each gradient
+                with self._on_side_stream(x.device):
+                    self.step(x, y)
+            else:
+                self._capture(x, y)
+            if self.graph is None:
+                return
         static_x, static_y = self._static
         if x.shape != static_x.shape or y.shape != static_y.shape:
             self.step(x, y)
@@ -82,15 +87,6 @@ class StepGraph:
         for refill in self._before:
             refill()
         self.graph.replay()
-
-    def _eager(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        """Warm-up steps run on the stream the capture will use: autograd remembers the stream that
-        first accumulated each gradient, and a capture on another stream would wait on that one."""
-        if self.failed:
-            self.step(x, y)
-            return
-        with self._on_side_stream(x.device):
-            self.step(x, y)
 
     @contextlib.contextmanager
     def _on_side_stream(self, device: torch.device):
