@@ -49,13 +49,16 @@ def _sqlite_path(uri: str) -> Path | None:
 
 @contextlib.contextmanager
 def _store_lock(uri: str) -> Iterator[None]:
-    """Held while a client opens the store: exclusive for a sqlite file, nothing for a server."""
+    """Held while a client opens the store, nothing for a server. For a sqlite file: exclusive while the
+    file is new (opening creates the schema), shared once it has content (opening only reads the schema).
+    Several trial processes then open one store at once, while a creator still excludes them all."""
     db = _sqlite_path(uri)
     if db is None:
         yield
         return
+    made = db.is_file() and db.stat().st_size > 0
     with open(db.with_name(f"{db.name}.lock"), "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        fcntl.flock(lock, fcntl.LOCK_SH if made else fcntl.LOCK_EX)  # released when the file closes
         yield
 
 

@@ -101,6 +101,32 @@ def test_processes_opening_a_new_sqlite_store_together_all_succeed(tmp_path: Pat
     assert len({out.strip() for _, out, _ in outcomes}) == 1  # one experiment, created once
 
 
+def test_a_made_store_is_opened_alongside_other_readers_but_not_alongside_its_creator(tmp_path: Path) -> None:
+    """Trial processes open one existing store at once (each open reads the schema for about a second;
+    one at a time, four packed trials waited for each other); a store being created excludes them."""
+    import fcntl
+
+    from passray.tracking import Tracker
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    Tracker(uri).experiment_id("made")
+
+    def opens_beside(how: int) -> bool:
+        """Whether a Tracker opens within a while that this test holds the store's lock ``how``."""
+        opener = threading.Thread(target=Tracker, args=(uri,), daemon=True)
+        with open(tmp_path / "mlflow.db.lock", "a") as held:
+            fcntl.flock(held, how)
+            opener.start()
+            opener.join(timeout=60 if how == fcntl.LOCK_SH else 3)
+            opened = not opener.is_alive()
+        opener.join(timeout=60)  # the lock let go: it opens now
+        assert not opener.is_alive()
+        return opened
+
+    assert opens_beside(fcntl.LOCK_SH)
+    assert not opens_beside(fcntl.LOCK_EX)
+
+
 def test_a_half_created_store_is_one_line_at_the_registry_cli(tmp_path: Path) -> None:
     """What a process that died while creating the schema leaves: some tables, not all."""
     db = tmp_path / "mlflow.db"
