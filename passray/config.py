@@ -182,7 +182,7 @@ class Config(_Section):
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
     amp: bool = Field(False, description="bf16 autocast on CUDA (ignored on CPU)")
     channels_last: bool = Field(False, description="channels_last memory format on CUDA")
-    cuda_graph: bool = Field(True, description="on one GPU (alone or as a single Ray Train worker; not under DDP of several), each training step's forward and backward run as one replayed CUDA graph, captured after two eager steps (the same computation, without the host launching hundreds of small kernels); a step that cannot be captured runs eagerly with a warning")
+    cuda_graph: bool = Field(True, description="on GPUs (one, a single Ray Train worker, or DDP ranks over NCCL, all-reduce included), each training step's forward and backward run as one replayed CUDA graph, captured after two eager steps (11 under DDP) (the same computation, without the host launching hundreds of small kernels); a step that cannot be captured runs eagerly with a warning")
     output_dir: str = Field("outputs/run", description="where structure.json, weights and hypernet are written")
     head_epochs: int = Field(0, ge=0, description="baselines: epochs of head-only training under their masks (set to search.epochs when the head is new, for fairness)")
     bn_recalibration_batches: int = Field(20, ge=0, description="train batches used to re-estimate BN statistics under the masks")

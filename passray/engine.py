@@ -118,8 +118,8 @@ class Step:
     """One step of ``model`` on a batch ``(x, y)``: forward and loss, and with an optimizer backward,
     optimizer and scheduler step; (loss * n, correct, n) are added to ``sums`` on the device.
 
-    ``cuda_graph``: on one GPU (``step_graph.graphable``), a training step's forward, loss, backward and
-    sums run as one replayed CUDA graph (``passray.step_graph``). The optimizer and scheduler step stay
+    ``cuda_graph``: on GPUs (``step_graph.graphable``), a training step's forward, loss, backward (with
+    DDP's all-reduce) and sums run as one replayed CUDA graph (``passray.step_graph``). The optimizer and scheduler step stay
     eager: the learning rate is a Python number that changes every step, and a fused optimizer is a
     few kernels. The graph writes the gradients in place, so they are zeroed, not freed, once it exists.
     """
@@ -166,7 +166,7 @@ def run_epoch(model: nn.Module, loader: Iterable, device: torch.device, *, optim
               on_step: StepHook | None = None, step_offset: int = 0, desc: str = "",
               progress: bool = False, cuda_graph: bool = False) -> dict[str, float]:
     """One pass over ``loader``; trains when an optimizer is given (with ``distill``: on the KD loss;
-    with ``cuda_graph``: as a replayed CUDA graph on one GPU, see ``Step``). Returns loss/accuracy."""
+    with ``cuda_graph``: as a replayed CUDA graph on GPUs, see ``Step``). Returns loss/accuracy."""
     step = Step(model, device, optimizer=optimizer, scheduler=scheduler, amp=amp, label_smoothing=label_smoothing,
                 distill=distill, cuda_graph=cuda_graph)
     try:

@@ -13,6 +13,12 @@ randomness each step (``PassPruner``'s noise) reads it from a buffer it refills 
 ``before_replay()``, which is called before every replay. A batch of another shape (a ragged
 last batch) runs eagerly. A step that cannot be captured (a host sync, an op that graphs refuse)
 runs eagerly for good, with a warning.
+
+Under DDP (several ranks, NCCL) the gradient all-reduce is captured with the step, as PyTorch's
+notes on CUDA graphs with DDP ask: DDP is built on the capture's stream (``capture_stream``; it keeps
+the gradient accumulators, which remember the stream they were made on), the step runs eagerly for
+11 DDP steps before the capture, and the ranks agree after each capture: if any rank failed, all run
+eagerly, since a graph replays its all-reduce only with the graphs of every other rank.
 """
 
 from __future__ import annotations
@@ -29,16 +35,30 @@ import torch.nn as nn
 
 _log = logging.getLogger(__name__)
 
-__all__ = ["StepGraph", "graphable", "in_step_graph"]
+__all__ = ["DDP_WARMUP", "StepGraph", "capture_stream", "graphable", "in_step_graph"]
 
 _thread = threading.local()
+_streams: dict[torch.device, torch.cuda.Stream] = {}
+DDP_WARMUP = 11  # eager DDP steps before a capture (PyTorch's CUDA-graph notes: DDP sets itself up in the first ones)
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def graphable(device: torch.device) -> bool:
-    """Whole-step graphs run on one CUDA device, alone or as a world of one (Ray Train's single worker):
-    DDP's gradient all-reduce across ranks is not captured."""
-    distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-    return device.type == "cuda" and not distributed
+    """Whole-step graphs run on a CUDA device: alone, as a world of one (Ray Train's single worker), or as
+    DDP ranks over NCCL (whose collectives CUDA graphs capture)."""
+    return device.type == "cuda" and (not _distributed() or dist.get_backend() == "nccl")
+
+
+def capture_stream(device: torch.device) -> torch.cuda.Stream:
+    """The one side stream of ``device`` that step graphs warm up and capture on; build DDP under it
+    (``with torch.cuda.stream(capture_stream(device))``) so that its gradient hooks live on it too."""
+    device = torch.device(device.type, torch.cuda.current_device() if device.index is None else device.index)
+    if device not in _streams:
+        _streams[device] = torch.cuda.Stream(device)
+    return _streams[device]
 
 
 def in_step_graph() -> bool:
@@ -52,14 +72,15 @@ class StepGraph:
     the captured shape. ``captured`` says whether a graph exists (a training step must then keep its
     gradient tensors: the graph writes into them)."""
 
-    def __init__(self, step: Callable[[torch.Tensor, torch.Tensor], None], model: nn.Module, warmup: int = 2) -> None:
-        self.step, self.model, self.warmup = step, model, warmup
+    def __init__(self, step: Callable[[torch.Tensor, torch.Tensor], None], model: nn.Module,
+                 warmup: int | None = None) -> None:
+        self.step, self.model = step, model
+        self.warmup = warmup if warmup is not None else (DDP_WARMUP if _distributed() else 2)
         self.graph: torch.cuda.CUDAGraph | None = None
         self.failed = False
         self._calls = 0
         self._static: tuple[torch.Tensor, torch.Tensor] | None = None
         self._before: list[Callable[[], None]] = []
-        self._stream: torch.cuda.Stream | None = None
 
     @property
     def captured(self) -> bool:
@@ -90,31 +111,37 @@ class StepGraph:
 
     @contextlib.contextmanager
     def _on_side_stream(self, device: torch.device):
-        if self._stream is None:
-            self._stream = torch.cuda.Stream(device)
-        self._stream.wait_stream(torch.cuda.current_stream(device))
+        stream = capture_stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))
         _thread.active = True
         try:
-            with torch.cuda.stream(self._stream):
-                yield self._stream
+            with torch.cuda.stream(stream):
+                yield stream
         finally:
             _thread.active = False
-            torch.cuda.current_stream(device).wait_stream(self._stream)
+            torch.cuda.current_stream(device).wait_stream(stream)
 
     def _capture(self, x: torch.Tensor, y: torch.Tensor) -> None:
         """Capture the step on this batch's shape (the batch itself then runs as the first replay)."""
         static = (x.clone(), y.clone())
         graph = torch.cuda.CUDAGraph()
+        error = None
         try:
             # thread_local: CUDA calls of other threads (NCCL's watchdog, Ray's) do not void the capture
             with self._on_side_stream(x.device) as stream, torch.cuda.graph(graph, stream=stream,
                                                                             capture_error_mode="thread_local"):
                 self.step(*static)
         except Exception as err:  # noqa: BLE001 -- any refusal: the step stays correct, only eager
-            self.failed = True
             _log.debug("capture failed:\n%s", traceback.format_exc())
-            _log.warning("running %s steps eagerly: CUDA graph capture failed (%s)", type(self.model).__name__,
-                         str(err).splitlines()[0] if str(err) else type(err).__name__)
+            error = str(err).splitlines()[0] if str(err) else type(err).__name__
+        if _distributed():  # every rank replays, or none does
+            ok = torch.tensor([error is None], dtype=torch.int32, device=x.device)
+            dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+            if error is None and not ok.item():
+                error = "another rank's capture failed"
+        if error is not None:
+            self.failed = True
+            _log.warning("running %s steps eagerly: CUDA graph capture failed (%s)", type(self.model).__name__, error)
             self.step(x, y)
             return
         self.graph, self._static = graph, static

@@ -46,6 +46,7 @@ from passray._cli import (TABLE_COLUMNS, config_record, format_table, load_from_
 from passray._state_io import atomic_directory, check_writable, load_state
 from passray.config import Config, ConfigError, validate
 from passray.pipeline import Runtime, run
+from passray.step_graph import capture_stream
 from passray.tracking import scalar_metrics
 
 if not hasattr(ray.train, "get_all_reported_checkpoints"):  # exported by Train V2 only
@@ -143,13 +144,20 @@ def _wrapper(world_size: int, device: torch.device) -> Callable[[nn.Module, bool
     Gradients are views into DDP's buckets (no copy in and out), and BN running statistics are not
     broadcast from rank 0 before every forward: each rank keeps its own, and ``RunContext.fit``
     averages them at the end of each epoch, before evaluation (as timm's ``distribute_bn``). On a
-    small network, every step is launch-bound and these per-step extras are what DDP costs.
+    small network, every step is launch-bound and these per-step extras are what DDP costs. DDP is
+    built on ``step_graph.capture_stream``, so that whole steps, all-reduce included, can be graphed.
     """
     if world_size == 1:
         return lambda module, varying: module.to(device)
-    return lambda module, varying: ray.train.torch.prepare_model(module, parallel_strategy_kwargs={
-        "find_unused_parameters": varying, "static_graph": not varying, "gradient_as_bucket_view": True,
-        "broadcast_buffers": False})
+
+    def wrap(module: nn.Module, varying: bool) -> nn.Module:
+        # on the stream step graphs capture on: DDP keeps the gradient accumulators, which remember their stream
+        with torch.cuda.stream(capture_stream(device)) if device.type == "cuda" else contextlib.nullcontext():
+            return ray.train.torch.prepare_model(module, parallel_strategy_kwargs={
+                "find_unused_parameters": varying, "static_graph": not varying, "gradient_as_bucket_view": True,
+                "broadcast_buffers": False})
+
+    return wrap
 
 
 def train_fn_per_worker(config: dict[str, Any]) -> None:

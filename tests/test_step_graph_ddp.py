@@ -1,0 +1,74 @@
+"""Whole training steps under DDP as replayed CUDA graphs, the all-reduce captured with them (two GPUs).
+
+Two NCCL ranks train the same network from the same weights on their own batches, once with eager
+steps and once through ``engine.Step``'s graph (11 eager DDP steps, the capture, replays): the
+losses of every step and the weights after them must agree, and so must the ranks' weights (the
+replayed all-reduce really averaged their gradients).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from conftest import free_port
+
+from passray import engine
+from passray.config import load_config
+from passray.models import create_backbone
+from passray.step_graph import DDP_WARMUP, capture_stream
+
+STEPS = DDP_WARMUP + 6
+
+
+def _train(device: torch.device, rank: int, cuda_graph: bool) -> tuple[list[float], dict[str, torch.Tensor], bool]:
+    torch.manual_seed(0)
+    net = create_backbone(load_config(None, ["model.arch=resnet8"]).model, 10).to(device)
+    with torch.cuda.stream(capture_stream(device)):
+        ddp = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device.index], static_graph=True,
+                                                        gradient_as_bucket_view=True, broadcast_buffers=False)
+    step = engine.Step(ddp, device, optimizer=torch.optim.SGD(ddp.parameters(), lr=0.05, momentum=0.9),
+                       cuda_graph=cuda_graph)
+    data = torch.Generator().manual_seed(100 + rank)  # each rank its own batches
+    losses, total = [], 0.0
+    for _ in range(STEPS):
+        x = torch.randn(32, 3, 32, 32, generator=data).to(device)
+        y = torch.randint(0, 10, (32,), generator=data).to(device)
+        step(x, y)
+        losses.append(float(step.sums[0]) - total)
+        total = float(step.sums[0])
+    captured = step.graph is not None and step.graph.captured
+    return losses, {k: v.detach().cpu() for k, v in net.state_dict().items()}, captured
+
+
+def _rank(rank: int, port: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.cuda.set_device(rank)
+    dist.init_process_group("nccl", rank=rank, world_size=2)
+    try:
+        device = torch.device("cuda", rank)
+        eager = _train(device, rank, cuda_graph=False)
+        graphed = _train(device, rank, cuda_graph=True)
+        torch.save({"eager": eager, "graphed": graphed}, f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_ddp_steps_replayed_as_graphs_match_eager_ddp_steps(tmp_path) -> None:
+    out = str(tmp_path / "result")
+    mp.spawn(_rank, args=(free_port(), out), nprocs=2, join=True)
+    ranks = [torch.load(f"{out}.{r}") for r in range(2)]
+    for result in ranks:
+        (eager_losses, eager_weights, eager_captured), (losses, weights, captured) = result["eager"], result["graphed"]
+        assert captured and not eager_captured
+        assert losses == pytest.approx(eager_losses, rel=1e-4)
+        for key in eager_weights:
+            torch.testing.assert_close(weights[key], eager_weights[key], rtol=1e-4, atol=1e-5, msg=key)
+    weights = [r["graphed"][1] for r in ranks]
+    for key in weights[0]:
+        if "running" not in key and "num_batches" not in key:  # BN statistics stay per rank (broadcast_buffers off)
+            torch.testing.assert_close(weights[0][key], weights[1][key], rtol=0, atol=0, msg=key)
