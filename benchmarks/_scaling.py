@@ -85,6 +85,13 @@ def _rate(value: float | None) -> str:
     return "-" if value is None else f"{value:.0f}"
 
 
+def _fixed(row: dict[str, Any]) -> str:
+    """A search's seconds before its first trial started and after its last ended (``tune_scaling.timeline``)."""
+    if row.get("seconds_before_first_trial") is None:
+        return "-"
+    return f"{row['seconds_before_first_trial']:.0f} / {row['seconds_after_last_trial']:.0f}"
+
+
 def _speedup(row: dict[str, Any], rows: list[dict[str, Any]], field: str, base: dict[str, Any]) -> str:
     ref = next((r for r in rows if all(r.get(k) == v for k, v in base.items()) and r.get(field)), None)
     return f"{row[field] / ref[field]:.2f}x" if ref and row.get(field) else "-"
@@ -99,14 +106,14 @@ def write_summary(results: ResultsFile) -> Path:
              "x: vs 1 GPU). Every row's command, config and device are in `scaling.json`.", ""]
     tune = [r for r in rows if r["part"] == "tune"]
     if tune:
-        lines += ["| config | device | GPUs | trials/GPU | trials | at once | wall s | trials/h | x K | x GPUs | "
-                  "best val % | mean val % |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        lines += ["| config | device | GPUs | trials/GPU | trials | at once | wall s | before / after trials s | trials/h "
+                  "| x K | x GPUs | best val % | mean val % |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in sorted(tune, key=lambda r: (r["config"], r["device"], r["gpus"], r["trials_per_gpu"])):
             same = {"config": r["config"], "device": r["device"]}
             per_k = _speedup(r, tune, "trials_per_hour", {**same, "gpus": r["gpus"], "trials_per_gpu": 1})
             per_gpus = _speedup(r, tune, "trials_per_hour", {**same, "gpus": 1, "trials_per_gpu": r["trials_per_gpu"]})
             lines.append(f"| {r['config']} | {r['device']} | {r['gpus']} | {r['trials_per_gpu']} | {r['trials']} | "
-                         f"{r['concurrent_trials']} | {r['wall_seconds']:.0f} | {r['trials_per_hour']:.1f} | "
+                         f"{r['concurrent_trials']} | {r['wall_seconds']:.0f} | {_fixed(r)} | {r['trials_per_hour']:.1f} | "
                          f"{per_k} | {per_gpus} | {_percent(r['best_val_accuracy'])} | "
                          f"{_percent(mean_std(r['val_accuracies'])[0])} |")
     ddp = [r for r in rows if r["part"] == "ddp"]

@@ -118,19 +118,21 @@ class Step:
     """One step of ``model`` on a batch ``(x, y)``: forward and loss, and with an optimizer backward,
     optimizer and scheduler step; (loss * n, correct, n) are added to ``sums`` on the device.
 
-    ``cuda_graph``: on GPUs (``step_graph.graphable``), a training step's forward, loss, backward (with
-    DDP's all-reduce) and sums run as one replayed CUDA graph (``passray.step_graph``). The optimizer and scheduler step stay
+    ``cuda_graph``: on one GPU (``step_graph.graphable``; with ``ddp_graph`` also as DDP ranks, their
+    all-reduce captured too), a training step's forward, loss, backward and sums run as one replayed CUDA graph (``passray.step_graph``). The optimizer and scheduler step stay
     eager: the learning rate is a Python number that changes every step, and a fused optimizer is a
     few kernels. The graph writes the gradients in place, so they are zeroed, not freed, once it exists.
     """
 
     def __init__(self, model: nn.Module, device: torch.device, *, optimizer=None, scheduler=None, amp: bool = False,
-                 label_smoothing: float = 0.0, distill: Distillation | None = None, cuda_graph: bool = False) -> None:
+                 label_smoothing: float = 0.0, distill: Distillation | None = None, cuda_graph: bool = False,
+                 ddp_graph: bool = False) -> None:
         self.model, self.device, self.optimizer, self.scheduler = model, device, optimizer, scheduler
         self.amp, self.label_smoothing, self.distill = amp, label_smoothing, distill
         self.sums = torch.zeros(3, device=device, dtype=torch.float64)  # loss * n, correct, n
         training = optimizer is not None
-        self.graph = StepGraph(self._body, model) if training and cuda_graph and graphable(device) else None
+        graphed = training and cuda_graph and graphable(device, ddp_graph)
+        self.graph = StepGraph(self._body, model) if graphed else None
 
     def _body(self, x: torch.Tensor, y: torch.Tensor) -> None:
         training = self.optimizer is not None
@@ -164,11 +166,11 @@ class Step:
 def run_epoch(model: nn.Module, loader: Iterable, device: torch.device, *, optimizer=None, scheduler=None,
               amp: bool = False, label_smoothing: float = 0.0, distill: Distillation | None = None,
               on_step: StepHook | None = None, step_offset: int = 0, desc: str = "",
-              progress: bool = False, cuda_graph: bool = False) -> dict[str, float]:
+              progress: bool = False, cuda_graph: bool = False, ddp_graph: bool = False) -> dict[str, float]:
     """One pass over ``loader``; trains when an optimizer is given (with ``distill``: on the KD loss;
-    with ``cuda_graph``: as a replayed CUDA graph on GPUs, see ``Step``). Returns loss/accuracy."""
+    with ``cuda_graph``: as a replayed CUDA graph on one GPU, see ``Step``). Returns loss/accuracy."""
     step = Step(model, device, optimizer=optimizer, scheduler=scheduler, amp=amp, label_smoothing=label_smoothing,
-                distill=distill, cuda_graph=cuda_graph)
+                distill=distill, cuda_graph=cuda_graph, ddp_graph=ddp_graph)
     try:
         with contextlib.nullcontext() if optimizer is not None else torch.no_grad():
             for i, (x, y) in enumerate(_batches(loader, desc, progress)):

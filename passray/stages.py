@@ -172,7 +172,7 @@ class RunContext:
                                      scheduler=self.scheduler, amp=self.amp, label_smoothing=ocfg.label_smoothing,
                                      distill=distill, on_step=step_hook, step_offset=start,
                                      desc=f"{stage} {epoch + 1}/{ocfg.epochs}", progress=self.rt.progress,
-                                     cuda_graph=self.cfg.cuda_graph)
+                                     cuda_graph=self.cfg.cuda_graph, ddp_graph=self.cfg.train.ddp_cuda_graph)
             seconds = time.perf_counter() - tic  # run_epoch ends in a host read: the device is done
             state.global_step += len(loaders.train)
             engine.average_bn_statistics(module)

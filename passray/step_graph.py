@@ -14,8 +14,9 @@ randomness each step (``PassPruner``'s noise) reads it from a buffer it refills 
 last batch) runs eagerly. A step that cannot be captured (a host sync, an op that graphs refuse)
 runs eagerly for good, with a warning.
 
-Under DDP (several ranks, NCCL) the gradient all-reduce is captured with the step, as PyTorch's
-notes on CUDA graphs with DDP ask: DDP is built on the capture's stream (``capture_stream``; it keeps
+Under DDP (several ranks, NCCL), and only where asked (``train.ddp_cuda_graph``, experimental), the
+gradient all-reduce is captured with the step, as PyTorch's notes on CUDA graphs with DDP ask: DDP is
+built on the capture's stream (``capture_stream``; it keeps
 the gradient accumulators, which remember the stream they were made on), the step runs eagerly for
 11 DDP steps before the capture, and the ranks agree after each capture: if any rank failed, all run
 eagerly, since a graph replays its all-reduce only with the graphs of every other rank.
@@ -46,10 +47,10 @@ def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def graphable(device: torch.device) -> bool:
-    """Whole-step graphs run on a CUDA device: alone, as a world of one (Ray Train's single worker), or as
-    DDP ranks over NCCL (whose collectives CUDA graphs capture)."""
-    return device.type == "cuda" and (not _distributed() or dist.get_backend() == "nccl")
+def graphable(device: torch.device, ddp: bool = False) -> bool:
+    """Whole-step graphs run on a CUDA device: alone, as a world of one (Ray Train's single worker), or,
+    with ``ddp``, as DDP ranks over NCCL (whose collectives CUDA graphs capture)."""
+    return device.type == "cuda" and (not _distributed() or (ddp and dist.get_backend() == "nccl"))
 
 
 def capture_stream(device: torch.device) -> torch.cuda.Stream:

@@ -8,6 +8,7 @@ span several 10-minute commands).
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -23,6 +24,7 @@ BENCH = REPO / "benchmarks"
 sys.path.insert(0, str(BENCH))
 
 from _common import ResultsFile, TimeBudget, estimate, mean_std  # noqa: E402
+from _mps import mps_daemon  # noqa: E402
 from conftest import Together  # noqa: E402
 
 QUALITY_FIELDS = ("setting", "arch", "row", "budget_kind", "finetune_epochs", "method", "allocation", "prompt",
@@ -241,6 +243,10 @@ def test_scaling_smoke_writes_tune_and_ddp_rows_and_resumes(started_early: Start
         assert row["trials_per_hour"] > 0 and 0.0 <= row["best_val_accuracy"] <= 1.0
         assert "--smoke" in row["command"] and row["device"].startswith("cpu")
         assert row["config_used"]["train"]["gpus_per_worker"] == pytest.approx(1 / row["trials_per_gpu"])
+        # the timeline from the trials' MLflow runs: inside the search's wall time, each trial within its own run
+        assert len(row["trial_seconds"]) == 2 and row["seconds_before_first_trial"] > 0
+        assert row["seconds_before_first_trial"] + max(row["trial_seconds"]) <= row["wall_seconds"]
+        assert all(t >= w for t, w in zip(sorted(row["trial_seconds"]), sorted(row["trial_wall_seconds"])))
     # packing changes when trials run, not what they compute (same seeds and sampled values)
     assert sorted(tune[0]["val_accuracies"]) == pytest.approx(sorted(tune[1]["val_accuracies"]))
     # one at a time, the second trial ran in the first one's process (tune.reuse_actors, the default)
@@ -261,3 +267,12 @@ def test_scaling_smoke_writes_tune_and_ddp_rows_and_resumes(started_early: Start
     again = _run("tune_scaling.py", "--results", str(results))
     assert "2 of 2 rows already" in again.stdout
     assert json.loads(results.read_text())["rows"] == data["rows"]
+
+
+def test_mps_without_its_control_binary_is_one_line_and_leaves_the_environment(monkeypatch, tmp_path) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path))  # no nvidia-cuda-mps-control here
+    monkeypatch.delenv("CUDA_MPS_PIPE_DIRECTORY", raising=False)
+    with pytest.raises(RuntimeError, match="nvidia-cuda-mps-control is not on PATH"):
+        with mps_daemon():
+            pass
+    assert "CUDA_MPS_PIPE_DIRECTORY" not in os.environ

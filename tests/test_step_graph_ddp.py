@@ -1,14 +1,16 @@
-"""Whole training steps under DDP as replayed CUDA graphs, the all-reduce captured with them (two GPUs).
+"""Whole training steps under DDP as replayed CUDA graphs, the all-reduce captured with them (two GPUs;
+``train.ddp_cuda_graph``, experimental).
 
 Two NCCL ranks train the same network from the same weights on their own batches, once with eager
 steps and once through ``engine.Step``'s graph (11 eager DDP steps, the capture, replays): the
 losses of every step and the weights after them must agree, and so must the ranks' weights (the
-replayed all-reduce really averaged their gradients).
+replayed all-reduce really averaged their gradients). A hang fails the test after a timeout.
 """
 
 from __future__ import annotations
 
 import os
+import time
 
 import pytest
 import torch
@@ -22,6 +24,7 @@ from passray.models import create_backbone
 from passray.step_graph import DDP_WARMUP, capture_stream
 
 STEPS = DDP_WARMUP + 6
+TIMEOUT_S = 240  # imports, NCCL set-up and 2 x 17 steps take well under a minute
 
 
 def _train(device: torch.device, rank: int, cuda_graph: bool) -> tuple[list[float], dict[str, torch.Tensor], bool]:
@@ -31,7 +34,7 @@ def _train(device: torch.device, rank: int, cuda_graph: bool) -> tuple[list[floa
         ddp = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device.index], static_graph=True,
                                                         gradient_as_bucket_view=True, broadcast_buffers=False)
     step = engine.Step(ddp, device, optimizer=torch.optim.SGD(ddp.parameters(), lr=0.05, momentum=0.9),
-                       cuda_graph=cuda_graph)
+                       cuda_graph=cuda_graph, ddp_graph=True)
     data = torch.Generator().manual_seed(100 + rank)  # each rank its own batches
     losses, total = [], 0.0
     for _ in range(STEPS):
@@ -60,7 +63,14 @@ def _rank(rank: int, port: int, out: str) -> None:
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
 def test_ddp_steps_replayed_as_graphs_match_eager_ddp_steps(tmp_path) -> None:
     out = str(tmp_path / "result")
-    mp.spawn(_rank, args=(free_port(), out), nprocs=2, join=True)
+    ranks = mp.spawn(_rank, args=(free_port(), out), nprocs=2, join=False)
+    deadline = time.monotonic() + TIMEOUT_S
+    try:
+        while not ranks.join(timeout=5):  # raises if a rank failed
+            assert time.monotonic() < deadline, f"the ranks did not finish in {TIMEOUT_S} s: a hang"
+    finally:
+        for process in ranks.processes:
+            process.kill()
     ranks = [torch.load(f"{out}.{r}") for r in range(2)]
     for result in ranks:
         (eager_losses, eager_weights, eager_captured), (losses, weights, captured) = result["eager"], result["graphed"]
