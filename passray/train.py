@@ -134,7 +134,7 @@ def _die(message: str) -> None:
     os._exit(1)
 
 
-def _wrapper(world_size: int, device: torch.device) -> Callable[[nn.Module, bool], nn.Module]:
+def _wrapper(world_size: int, device: torch.device, graphed: bool) -> Callable[[nn.Module, bool], nn.Module]:
     """DDP via ``prepare_model`` when distributed, else only a move to the device.
 
     A stage whose trained parameters all reach the loss the same way every step (pretrain, search
@@ -144,15 +144,17 @@ def _wrapper(world_size: int, device: torch.device) -> Callable[[nn.Module, bool
     Gradients are views into DDP's buckets (no copy in and out), and BN running statistics are not
     broadcast from rank 0 before every forward: each rank keeps its own, and ``RunContext.fit``
     averages them at the end of each epoch, before evaluation (as timm's ``distribute_bn``). On a
-    small network, every step is launch-bound and these per-step extras are what DDP costs. DDP is
-    built on ``step_graph.capture_stream``, so that whole steps, all-reduce included, can be graphed.
+    small network, every step is launch-bound and these per-step extras are what DDP costs. With
+    ``graphed`` (``train.ddp_cuda_graph``), DDP is built on ``step_graph.capture_stream``, so that whole
+    steps, all-reduce included, can be captured.
     """
     if world_size == 1:
         return lambda module, varying: module.to(device)
 
     def wrap(module: nn.Module, varying: bool) -> nn.Module:
         # on the stream step graphs capture on: DDP keeps the gradient accumulators, which remember their stream
-        with torch.cuda.stream(capture_stream(device)) if device.type == "cuda" else contextlib.nullcontext():
+        on_capture_stream = graphed and device.type == "cuda"
+        with torch.cuda.stream(capture_stream(device)) if on_capture_stream else contextlib.nullcontext():
             return ray.train.torch.prepare_model(module, parallel_strategy_kwargs={
                 "find_unused_parameters": varying, "static_graph": not varying, "gradient_as_bucket_view": True,
                 "broadcast_buffers": False})
@@ -178,7 +180,8 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
             restored = load_state(directory)
-    run(cfg, Runtime(rank=rank, world_size=world_size, device=device, wrap=_wrapper(world_size, device),
+    wrap = _wrapper(world_size, device, cfg.cuda_graph and cfg.train.ddp_cuda_graph)
+    run(cfg, Runtime(rank=rank, world_size=world_size, device=device, wrap=wrap,
                      reporter=RayReporter(rank == 0, config.get("mlflow_run")), restored=restored,
                      progress=rank == 0, export_dir=None, fault=_die))
 
