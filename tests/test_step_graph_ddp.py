@@ -4,13 +4,15 @@
 Two NCCL ranks train the same network from the same weights on their own batches, once with eager
 steps and once through ``engine.Step``'s graph (11 eager DDP steps, the capture, replays): the
 losses of every step and the weights after them must agree, and so must the ranks' weights (the
-replayed all-reduce really averaged their gradients). A hang fails the test after a timeout.
+replayed all-reduce really averaged their gradients). A hang fails the test after a timeout, naming
+where each rank was (each writes its progress to a file as it goes).
 """
 
 from __future__ import annotations
 
 import os
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -27,7 +29,7 @@ STEPS = DDP_WARMUP + 6
 TIMEOUT_S = 240  # imports, NCCL set-up and 2 x 17 steps take well under a minute
 
 
-def _train(device: torch.device, rank: int, cuda_graph: bool) -> tuple[list[float], dict[str, torch.Tensor], bool]:
+def _train(device: torch.device, rank: int, cuda_graph: bool, log) -> tuple[list[float], dict[str, torch.Tensor], bool]:
     torch.manual_seed(0)
     net = create_backbone(load_config(None, ["model.arch=resnet8"]).model, 10).to(device)
     with torch.cuda.stream(capture_stream(device)):
@@ -37,9 +39,10 @@ def _train(device: torch.device, rank: int, cuda_graph: bool) -> tuple[list[floa
                        cuda_graph=cuda_graph, ddp_graph=True)
     data = torch.Generator().manual_seed(100 + rank)  # each rank its own batches
     losses, total = [], 0.0
-    for _ in range(STEPS):
+    for i in range(STEPS):
         x = torch.randn(32, 3, 32, 32, generator=data).to(device)
         y = torch.randint(0, 10, (32,), generator=data).to(device)
+        log(f"{'graphed' if cuda_graph else 'eager'} step {i + 1} of {STEPS} started")
         step(x, y)
         losses.append(float(step.sums[0]) - total)
         total = float(step.sums[0])
@@ -48,14 +51,20 @@ def _train(device: torch.device, rank: int, cuda_graph: bool) -> tuple[list[floa
 
 
 def _rank(rank: int, port: int, out: str) -> None:
+    def log(line: str) -> None:
+        with open(f"{out}.{rank}.log", "a") as progress:
+            progress.write(line + "\n")
+
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.cuda.set_device(rank)
+    log("joining the process group")
     dist.init_process_group("nccl", rank=rank, world_size=2)
     try:
         device = torch.device("cuda", rank)
-        eager = _train(device, rank, cuda_graph=False)
-        graphed = _train(device, rank, cuda_graph=True)
+        eager = _train(device, rank, cuda_graph=False, log=log)
+        graphed = _train(device, rank, cuda_graph=True, log=log)
         torch.save({"eager": eager, "graphed": graphed}, f"{out}.{rank}")
+        log("done")
     finally:
         dist.destroy_process_group()
 
@@ -67,7 +76,10 @@ def test_ddp_steps_replayed_as_graphs_match_eager_ddp_steps(tmp_path) -> None:
     deadline = time.monotonic() + TIMEOUT_S
     try:
         while not ranks.join(timeout=5):  # raises if a rank failed
-            assert time.monotonic() < deadline, f"the ranks did not finish in {TIMEOUT_S} s: a hang"
+            if time.monotonic() > deadline:
+                where = [(Path(f"{out}.{r}.log").read_text().splitlines() or ["not started"])[-1]
+                         if Path(f"{out}.{r}.log").exists() else "not started" for r in range(2)]
+                pytest.fail(f"the ranks did not finish in {TIMEOUT_S} s: rank 0 at '{where[0]}', rank 1 at '{where[1]}'")
     finally:
         for process in ranks.processes:
             process.kill()
