@@ -136,7 +136,7 @@ class TrainConfig(_Section):
     storage_path: str = Field("ray_results", description="Ray storage (local dir, NFS or s3://); shared by all nodes on a cluster")
     name: str | None = Field(None, description="run name; re-running the same (storage_path, name) resumes")
     max_failures: int = Field(0, ge=-1, description="worker-group restarts from the last checkpoint (-1: unlimited)")
-    ddp_cuda_graph: bool = Field(False, description="experimental: with cuda_graph, DDP steps over NCCL are graphed too, their gradient all-reduce captured with them (11 eager steps before each capture; if any rank's capture fails, all run eagerly). On H200 x2 it took a small run's 2-GPU search from 29k to 65k images/s, but its 2-GPU test hung in its one run there, so it is off until that is understood")
+    ddp_cuda_graph: bool = Field(False, description="experimental: with cuda_graph, DDP steps over NCCL are graphed too, their gradient all-reduce captured with them (11 eager steps before each capture; if any rank's capture fails, all run eagerly). On H200 x2 it took a small run's 2-GPU search from 29k to 65k images/s, but its 2-GPU test did not finish within 150 s in its one run there (a hang or a slow start, not told apart), so it is off until that is understood")
     checkpoints_to_keep: int = Field(2, ge=1, description="newest checkpoints kept on storage")
     fail_at_step: int | None = Field(None, ge=0, description="fault injection: the worker dies once at this global step (tests, demos)")
 
