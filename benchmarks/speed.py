@@ -221,11 +221,12 @@ def graph_matches_eager(nets: Nets, case: Case, device: torch.device, steps: int
             runs[graphs] = drawn, losses
     finally:
         torch.use_deterministic_algorithms(False)
-    (eager_masks, eager_losses) = runs[(False, False)]
-    same = {name: all(torch.equal(a, b) for x, y in zip(eager_masks, runs[g][0]) for a, b in zip(x, y))
-            for name, g in (("mask_graph", (False, True)), ("step_graph", (True, False)))}
-    diff = {name: max(abs(a - b) / max(abs(a), 1e-12) for a, b in zip(eager_losses, runs[g][1]))
-            for name, g in (("mask_graph", (False, True)), ("step_graph", (True, False)))}
+    eager_masks, eager_losses = runs[(False, False)]
+    graphed = {"mask_graph": runs[(False, True)], "step_graph": runs[(True, False)]}
+    same = {name: all(torch.equal(a, b) for x, y in zip(eager_masks, masks) for a, b in zip(x, y))
+            for name, (masks, _) in graphed.items()}
+    diff = {name: max(abs(a - b) / max(abs(a), 1e-12) for a, b in zip(eager_losses, losses))
+            for name, (_, losses) in graphed.items()}
     return {"steps": steps, "masks_equal": same, "loss_max_relative_difference": diff}
 
 

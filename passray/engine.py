@@ -121,7 +121,8 @@ class Step:
     ``cuda_graph``: on one GPU (``step_graph.graphable``; with ``ddp_graph`` also as DDP ranks, their
     all-reduce captured too), a training step's forward, loss, backward and sums run as one replayed
     CUDA graph (``passray.step_graph``). The optimizer and scheduler step stay eager: the learning rate
-    is a Python number that changes every step, and a fused optimizer is a few kernels. The graph writes the gradients in place, so they are zeroed, not freed, once it exists.
+    is a Python number that changes every step, and a fused optimizer is a few kernels. The graph
+    writes the gradients in place, so they are zeroed, not freed, once it exists.
     """
 
     def __init__(self, model: nn.Module, device: torch.device, *, optimizer=None, scheduler=None, amp: bool = False,

@@ -16,10 +16,10 @@ runs eagerly for good, with a warning.
 
 Under DDP (several ranks, NCCL), and only where asked (``train.ddp_cuda_graph``, experimental), the
 gradient all-reduce is captured with the step, as PyTorch's notes on CUDA graphs with DDP ask: DDP is
-built on the capture's stream (``capture_stream``; it keeps
-the gradient accumulators, which remember the stream they were made on), the step runs eagerly for
-11 DDP steps before the capture, and the ranks agree after each capture: if any rank failed, all run
-eagerly, since a graph replays its all-reduce only with the graphs of every other rank.
+built on the capture's stream (``capture_stream``; it keeps the gradient accumulators, which remember
+the stream they were made on), the step runs eagerly for 11 DDP steps before the capture, and the
+ranks agree after each capture: if any rank failed, all run eagerly, since a graph replays its
+all-reduce only with the graphs of every other rank.
 """
 
 from __future__ import annotations
