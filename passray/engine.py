@@ -152,8 +152,10 @@ class Step:
         self.sums[2] += n
 
     def close(self) -> None:
-        """Free the captured graph and its memory now (it refers back to this step: a cycle that only
-        the garbage collector would break, epochs later)."""
+        """Free the captured graph and its memory now, once the device has run it (it refers back to this
+        step: a cycle that only the garbage collector would break, at a moment that differs per rank)."""
+        if self.graph is not None and self.graph.captured:
+            torch.cuda.synchronize(self.device)
         self.graph = None
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> None:
@@ -167,19 +169,29 @@ class Step:
 def run_epoch(model: nn.Module, loader: Iterable, device: torch.device, *, optimizer=None, scheduler=None,
               amp: bool = False, label_smoothing: float = 0.0, distill: Distillation | None = None,
               on_step: StepHook | None = None, step_offset: int = 0, desc: str = "",
-              progress: bool = False, cuda_graph: bool = False, ddp_graph: bool = False) -> dict[str, float]:
+              progress: bool = False, cuda_graph: bool = False, ddp_graph: bool = False,
+              step: Step | None = None) -> dict[str, float]:
     """One pass over ``loader``; trains when an optimizer is given (with ``distill``: on the KD loss;
-    with ``cuda_graph``: as a replayed CUDA graph on one GPU, see ``Step``). Returns loss/accuracy."""
-    step = Step(model, device, optimizer=optimizer, scheduler=scheduler, amp=amp, label_smoothing=label_smoothing,
-                distill=distill, cuda_graph=cuda_graph, ddp_graph=ddp_graph)
+    with ``cuda_graph``: as a replayed CUDA graph on one GPU, see ``Step``). Returns loss/accuracy.
+
+    ``step``: a training ``Step`` the caller keeps across epochs (``RunContext.fit``), so that its graph
+    is captured once per stage, not once per epoch; its sums restart here, and the arguments that
+    would build one are not used."""
+    own = step is None
+    if own:
+        step = Step(model, device, optimizer=optimizer, scheduler=scheduler, amp=amp, label_smoothing=label_smoothing,
+                    distill=distill, cuda_graph=cuda_graph, ddp_graph=ddp_graph)
+    else:
+        step.sums.zero_()  # in place: a captured graph adds into this tensor
     try:
-        with contextlib.nullcontext() if optimizer is not None else torch.no_grad():
+        with contextlib.nullcontext() if step.optimizer is not None else torch.no_grad():
             for i, (x, y) in enumerate(_batches(loader, desc, progress)):
                 if on_step is not None:
                     on_step(step_offset + i)
                 step(x, y)
     finally:
-        step.close()
+        if own:
+            step.close()
     loss_sum, correct, n = _reduce(step.sums).tolist()
     return {"loss": loss_sum / max(n, 1), "accuracy": correct / max(n, 1)}
 

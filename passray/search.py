@@ -70,12 +70,14 @@ def search_pass(ctx: RunContext) -> None:
     total = max(cfg.search.epochs * len(ctx.loaders.train), 1)
     t0, t1 = cfg.hypernet.temperature, cfg.hypernet.temperature_final or cfg.hypernet.temperature
 
-    def start_epoch(epoch: int) -> None:
-        searching.fixed = prior_masks if epoch < cfg.hypernet.warmup_epochs else None  # warm-up: head and prompt only
+    def start_epoch(epoch: int) -> bool:
+        """Warm-up (head and prompt only, under the prior masks), then the search; True where it switches."""
+        searching.fixed = prior_masks if epoch < cfg.hypernet.warmup_epochs else None
         if cfg.hypernet.batch_norm == "frozen":
             for m in net.backbone.modules():
                 if isinstance(m, nn.modules.batchnorm._BatchNorm):
                     m.eval()
+        return epoch == cfg.hypernet.warmup_epochs
 
     def anneal(step: int) -> None:  # geometric, t0 at the first step to t1 at the last
         pruner.temperature = t0 * (t1 / t0) ** min(step / max(total - 1, 1), 1.0)

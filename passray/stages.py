@@ -137,11 +137,13 @@ class RunContext:
 
     # -------------------------------------------------------------- the epoch loop
     def fit(self, stage: str, module: nn.Module, params: list, ocfg: OptimConfig,
-            on_epoch_start: Callable[[int], None] | None = None, evaluate: Callable[[], dict] | None = None,
+            on_epoch_start: Callable[[int], bool | None] | None = None, evaluate: Callable[[], dict] | None = None,
             on_step: Callable[[int], None] | None = None, distill: engine.Distillation | None = None,
             varying: bool = False) -> None:
         """Epoch loop shared by pretrain, search and fine-tune; resumes mid-stage. ``varying``: which
-        parameters reach the loss may change from step to step (``Runtime.wrap`` tells DDP)."""
+        parameters reach the loss may change from step to step (``Runtime.wrap`` tells DDP).
+        ``on_epoch_start(epoch)`` returns True when the step computes something else from that epoch on
+        (PASS's warm-up ends): the stage's step, and its CUDA graph, are then made anew."""
         state, loaders = self.state, self.loaders
         if ocfg.epochs == 0 or state.done(stage, ocfg.epochs - 1):
             return
@@ -153,38 +155,51 @@ class RunContext:
             self.scheduler.load_state_dict(self.restored["scheduler"])
             first = state.epoch + 1
         wrapped = self.rt.wrap(module, varying)
-        for epoch in range(first, ocfg.epochs):
-            loaders.train.set_epoch(state.global_step + epoch)
-            wrapped.train()
-            if on_epoch_start is not None:
-                on_epoch_start(epoch)
-            if self.rt.on_epoch_start is not None:
-                self.rt.on_epoch_start(stage, epoch)
-            tic = time.perf_counter()
-            start, first_of_epoch = state.global_step, epoch * len(loaders.train)
-
-            def step_hook(step: int) -> None:
-                self._fault_injection(step)
-                if on_step is not None:
-                    on_step(first_of_epoch + step - start)  # step within this stage
-
-            train = engine.run_epoch(wrapped, loaders.train, self.device, optimizer=self.optimizer,
-                                     scheduler=self.scheduler, amp=self.amp, label_smoothing=ocfg.label_smoothing,
-                                     distill=distill, on_step=step_hook, step_offset=start,
-                                     desc=f"{stage} {epoch + 1}/{ocfg.epochs}", progress=self.rt.progress,
-                                     cuda_graph=self.cfg.cuda_graph, ddp_graph=self.cfg.train.ddp_cuda_graph)
-            seconds = time.perf_counter() - tic  # run_epoch ends in a host read: the device is done
-            state.global_step += len(loaders.train)
-            engine.average_bn_statistics(module)
-            val = evaluate() if evaluate else self.evaluate(module, "val")
-            state.stage, state.epoch = stage, epoch
-            state.results[f"{stage}_val_accuracy"] = val["accuracy"]
-            self.report({"stage": stage, "epoch": epoch, "train_loss": train["loss"],
-                         "train_accuracy": train["accuracy"], "val_loss": val["loss"], "val_accuracy": val["accuracy"],
-                         "epoch_seconds": seconds,
-                         "images_per_second": len(loaders.train) * loaders.train.batch_size * self.rt.world_size / seconds,
-                         **{k: v for k, v in val.items() if k not in ("loss", "accuracy")}})
+        step = None  # one Step for the stage's epochs: its CUDA graph is captured once, then replayed
+        try:
+            for epoch in range(first, ocfg.epochs):
+                loaders.train.set_epoch(state.global_step + epoch)
+                wrapped.train()
+                changed = on_epoch_start(epoch) if on_epoch_start is not None else False
+                if self.rt.on_epoch_start is not None:
+                    self.rt.on_epoch_start(stage, epoch)
+                if step is None or changed:
+                    if step is not None:
+                        step.close()
+                    step = engine.Step(wrapped, self.device, optimizer=self.optimizer, scheduler=self.scheduler,
+                                       amp=self.amp, label_smoothing=ocfg.label_smoothing, distill=distill,
+                                       cuda_graph=self.cfg.cuda_graph, ddp_graph=self.cfg.train.ddp_cuda_graph)
+                self._epoch(stage, epoch, ocfg, wrapped, module, step, evaluate, on_step)
+        finally:
+            if step is not None:
+                step.close()
         self.optimizer = None
+
+    def _epoch(self, stage: str, epoch: int, ocfg: OptimConfig, wrapped: nn.Module, module: nn.Module,
+               step: engine.Step, evaluate: Callable[[], dict] | None, on_step: Callable[[int], None] | None) -> None:
+        """One training epoch of ``fit``, its evaluation and its report."""
+        state, loaders = self.state, self.loaders
+        tic = time.perf_counter()
+        start, first_of_epoch = state.global_step, epoch * len(loaders.train)
+
+        def step_hook(i: int) -> None:
+            self._fault_injection(i)
+            if on_step is not None:
+                on_step(first_of_epoch + i - start)  # step within this stage
+
+        train = engine.run_epoch(wrapped, loaders.train, self.device, step=step, on_step=step_hook, step_offset=start,
+                                 desc=f"{stage} {epoch + 1}/{ocfg.epochs}", progress=self.rt.progress)
+        seconds = time.perf_counter() - tic  # run_epoch ends in a host read: the device is done
+        state.global_step += len(loaders.train)
+        engine.average_bn_statistics(module)
+        val = evaluate() if evaluate else self.evaluate(module, "val")
+        state.stage, state.epoch = stage, epoch
+        state.results[f"{stage}_val_accuracy"] = val["accuracy"]
+        self.report({"stage": stage, "epoch": epoch, "train_loss": train["loss"],
+                     "train_accuracy": train["accuracy"], "val_loss": val["loss"], "val_accuracy": val["accuracy"],
+                     "epoch_seconds": seconds,
+                     "images_per_second": len(loaders.train) * loaders.train.batch_size * self.rt.world_size / seconds,
+                     **{k: v for k, v in val.items() if k not in ("loss", "accuracy")}})
 
     def _fault_injection(self, step: int) -> None:
         fail = self.cfg.train.fail_at_step

@@ -127,3 +127,61 @@ def test_folding_applies_to_every_whole_group_batch_norm() -> None:
         torch.testing.assert_close(backbone(x), dense)
     groups.remove_gates()
     assert not any("forward" in vars(m) for m in backbone.modules())
+
+
+def test_a_kept_step_restarts_its_sums_each_epoch() -> None:
+    """``run_epoch(step=...)``: the caller's step runs another epoch; loss and accuracy are that epoch's alone."""
+    torch.manual_seed(0)
+    net = torch.nn.Linear(4, 3)
+    batches = [(torch.randn(8, 4), torch.randint(0, 3, (8,))) for _ in range(3)]
+    step = engine.Step(net, torch.device("cpu"), optimizer=torch.optim.SGD(net.parameters(), lr=0.0))
+    first = engine.run_epoch(net, batches, torch.device("cpu"), step=step)
+    again = engine.run_epoch(net, batches, torch.device("cpu"), step=step)
+    assert again == first and float(step.sums[2]) == 24
+    assert first == engine.run_epoch(net, batches, torch.device("cpu"), optimizer=torch.optim.SGD(net.parameters(), lr=0.0))
+
+
+def test_a_stage_keeps_one_training_step_and_makes_a_new_one_when_warm_up_ends(monkeypatch, tmp_path) -> None:
+    """So a CUDA graph is captured once per stage (twice in a search with warm-up), not once per epoch."""
+    from conftest import TINY
+
+    from passray.pipeline import Runtime, run
+
+    made = []
+    original = engine.Step.__init__
+
+    def counting(self, model, device, **kwargs):
+        original(self, model, device, **kwargs)
+        if self.optimizer is not None:
+            made.append(self)
+
+    monkeypatch.setattr(engine.Step, "__init__", counting)
+    cfg = load_config(None, [*TINY, "pretrain.epochs=2", "search.epochs=3", "hypernet.warmup_epochs=1",
+                             "finetune.epochs=2", f"output_dir={tmp_path}"])
+    run(cfg, Runtime(progress=False))
+    assert len(made) == 4  # pretrain, search warm-up, search, fine-tune
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_step_graphs_kept_across_epochs_match_eager_epochs(tmp_path) -> None:
+    """A whole run on the GPU, each stage's step graph captured in its first epoch and replayed in the
+    later ones (evaluation and BN recalibration in between): the same epochs as eager steps."""
+    from conftest import TINY
+
+    from passray.pipeline import Runtime
+    from passray.pipeline import execute
+    from passray.stages import RunContext
+
+    def history(cuda_graph: bool) -> list[dict]:
+        cfg = load_config(None, [*TINY, "device=cuda", "data.limit_train=512", "pretrain.epochs=2", "search.epochs=3",
+                                 "hypernet.warmup_epochs=1", "finetune.epochs=2", f"cuda_graph={cuda_graph}",
+                                 f"output_dir={tmp_path / str(cuda_graph)}"])
+        ctx = RunContext(cfg, Runtime(progress=False))
+        execute(ctx)
+        return ctx.state.history
+
+    graphed, eager = history(True), history(False)
+    assert [(h["stage"], h["epoch"]) for h in graphed] == [(h["stage"], h["epoch"]) for h in eager]
+    for g, e in zip(graphed, eager):
+        assert g["train_loss"] == pytest.approx(e["train_loss"], rel=1e-2), (g["stage"], g["epoch"])
+        assert g["val_accuracy"] == pytest.approx(e["val_accuracy"], abs=0.02), (g["stage"], g["epoch"])

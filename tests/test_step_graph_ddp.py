@@ -47,6 +47,7 @@ def _train(device: torch.device, rank: int, cuda_graph: bool, log) -> tuple[list
         losses.append(float(step.sums[0]) - total)
         total = float(step.sums[0])
     captured = step.graph is not None and step.graph.captured
+    step.close()  # as run_epoch and fit do: a graph holding NCCL work must not outlive the process group
     return losses, {k: v.detach().cpu() for k, v in net.state_dict().items()}, captured
 
 
@@ -64,9 +65,10 @@ def _rank(rank: int, port: int, out: str) -> None:
         eager = _train(device, rank, cuda_graph=False, log=log)
         graphed = _train(device, rank, cuda_graph=True, log=log)
         torch.save({"eager": eager, "graphed": graphed}, f"{out}.{rank}")
-        log("done")
+        log("results saved")
     finally:
         dist.destroy_process_group()
+    log("done")
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
