@@ -168,13 +168,12 @@ def test_step_graphs_kept_across_epochs_match_eager_epochs(tmp_path) -> None:
     later ones (evaluation and BN recalibration in between): the same epochs as eager steps."""
     from conftest import TINY
 
-    from passray.pipeline import Runtime
-    from passray.pipeline import execute
+    from passray.pipeline import Runtime, execute
     from passray.stages import RunContext
 
     def history(cuda_graph: bool) -> list[dict]:
         cfg = load_config(None, [*TINY, "device=cuda", "data.limit_train=512", "pretrain.epochs=2", "search.epochs=3",
-                                 "hypernet.warmup_epochs=1", "finetune.epochs=2", f"cuda_graph={cuda_graph}",
+                                 "hypernet.warmup_epochs=1", "finetune.epochs=2", "pretrain.cache=false", f"cuda_graph={cuda_graph}",
                                  f"output_dir={tmp_path / str(cuda_graph)}"])
         ctx = RunContext(cfg, Runtime(progress=False))
         execute(ctx)
