@@ -35,7 +35,7 @@ def _train(device: torch.device, rank: int, cuda_graph: bool, log) -> tuple[list
     with torch.cuda.stream(capture_stream(device)):
         ddp = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device.index], static_graph=True,
                                                         gradient_as_bucket_view=True, broadcast_buffers=False)
-    step = engine.Step(ddp, device, optimizer=torch.optim.SGD(ddp.parameters(), lr=0.05, momentum=0.9),
+    step = engine.Step(ddp, device, optimizer=torch.optim.SGD(ddp.parameters(), lr=0.01, momentum=0.9),
                        cuda_graph=cuda_graph, ddp_graph=True)
     data = torch.Generator().manual_seed(100 + rank)  # each rank its own batches
     losses, total = [], 0.0
@@ -57,6 +57,7 @@ def _rank(rank: int, port: int, out: str) -> None:
             progress.write(line + "\n")
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.backends.cudnn.deterministic = True  # eager and replayed steps run the same kernels: no rounding noise
     torch.cuda.set_device(rank)
     log("joining the process group")
     dist.init_process_group("nccl", rank=rank, world_size=2)
