@@ -278,7 +278,7 @@ class PassPruner(nn.Module):
         index = torch.repeat_interleave(torch.arange(len(self.widths)), torch.tensor(self.widths))
         self.register_buffer("group_index", index, persistent=False)
         self.register_buffer("_noise_t", torch.zeros(len(index)), persistent=False)
-        self.last: Allocation | None = None
+        self.last: Allocation | None = None  # the latest forward's; a replayed step graph refills its capture's
 
     @property
     def temperature(self) -> float:

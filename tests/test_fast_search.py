@@ -171,10 +171,11 @@ def _kept_step_epochs(step_graph: bool) -> tuple[list[float], list[list[torch.Te
     batches = list(loaders.train)
     epoch = [batches[i % len(batches)] for i in range(5)]  # 2 eager, the capture, 2 replays; then 5 replays
     losses, masks = [], []
-    for _ in range(2):
+    for i in range(2):
         model.train()
         losses.append(engine.run_epoch(model, epoch, device, step=step)["loss"])
-        masks.append([m.cpu() for m in model.pruner.last.masks])
+        if i == 0:  # pruner.last: evaluation's own masks after it ran (replays write into the capture's tensors)
+            masks.append([m.cpu() for m in model.pruner.last.masks])
         with engine.kept_bn_statistics(model):
             engine.recalibrate_bn(model, epoch, device, batches=2)
             engine.evaluate(model, epoch, device)
