@@ -145,11 +145,12 @@ class StepGraph:
                 error = "another rank's capture failed"
         if error is not None:
             self.failed = True
-            # DDP over parameters that some steps leave out (PASS's warm-up: find_unused_parameters) copies
-            # its map of used parameters from the host each step, which no capture can hold: expected there
-            expected = getattr(self.model, "find_unused_parameters", False)
-            _log.log(logging.INFO if expected else logging.WARNING, "running %s steps eagerly: CUDA graph capture "
-                     "failed (%s)", type(self.model).__name__, error)
+            # DDP over parameters a step leaves out (PASS's warm-up; find_unused_parameters) copies its map
+            # of used parameters from the host, which no capture can hold (H200 x2): expected there
+            if getattr(self.model, "find_unused_parameters", False):
+                _log.info("DDP steps that leave parameters unused run eagerly (not capturable: %s)", error)
+            else:
+                _log.warning("running %s steps eagerly: CUDA graph capture failed (%s)", type(self.model).__name__, error)
             self.step(x, y)
             return
         self.graph, self._static = graph, static
