@@ -27,6 +27,7 @@ import os
 import signal
 import tempfile
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable
 
@@ -40,7 +41,7 @@ from passray._tune_report import (PARTIAL_NOTE, TrialTable, dense_row, pareto_fr
 from passray.config import Config, ConfigError
 from passray.data import load_dataset_kept
 from passray.pipeline import Runtime, pretrain, run
-from passray.tracking import Tracker, resolve_uri, scalar_metrics
+from passray.tracking import Tracker, check_reachable, resolve_uri, scalar_metrics
 from passray.train import assigned_gpu, check_cluster_fits, connect_ray, copy_export, fit, storage_uri, worker_resources
 
 __all__ = ["EXPERIMENT_FILE", "build_space", "check_tracking_reaches_trials", "check_trial_fits", "concurrent_trials",
@@ -429,8 +430,12 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     storage = storage_uri(cfg.train.storage_path)
     check_writable(exp_dir or storage, "train.storage_path")
     uri = resolve_uri(cfg.tracking.uri)
-    tracker = Tracker(uri)  # fails here, before any training, if MLflow is unreachable
-    connect_ray(log_to_driver=False)  # fails in seconds if RAY_ADDRESS names no cluster
+    check_reachable(uri)  # fails here, before Ray or any training, if MLflow cannot be logged to
+    # MLflow's imports and store open while Ray starts: 7.6 -> 5.5 s for both on 2 cores
+    with ThreadPoolExecutor(1, thread_name_prefix="passray-mlflow") as pool:
+        opening = pool.submit(Tracker, uri, check=False)
+        connect_ray(log_to_driver=False)  # fails in seconds if RAY_ADDRESS names no cluster
+        tracker = opening.result()
     check_tracking_reaches_trials(uri, {n["NodeManagerAddress"] for n in ray.nodes() if n["Alive"]})
     check_trial_fits(cfg)
     if exp_dir is None:
