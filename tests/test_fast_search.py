@@ -174,7 +174,7 @@ def _kept_step_epochs(step_graph: bool) -> tuple[list[float], list[list[torch.Te
     for i in range(2):
         model.train()
         losses.append(engine.run_epoch(model, epoch, device, step=step)["loss"])
-        if i == 0:  # pruner.last: evaluation's own masks after it ran (replays write into the capture's tensors)
+        if i == 0:  # drawn masks of the first epoch only: evaluation then replaces pruner.last, replays do not
             masks.append([m.cpu() for m in model.pruner.last.masks])
         with engine.kept_bn_statistics(model):
             engine.recalibrate_bn(model, epoch, device, batches=2)
