@@ -169,18 +169,17 @@ class Step:
 def run_epoch(model: nn.Module, loader: Iterable, device: torch.device, *, optimizer=None, scheduler=None,
               amp: bool = False, label_smoothing: float = 0.0, distill: Distillation | None = None,
               on_step: StepHook | None = None, step_offset: int = 0, desc: str = "",
-              progress: bool = False, cuda_graph: bool = False, ddp_graph: bool = False,
-              step: Step | None = None) -> dict[str, float]:
-    """One pass over ``loader``; trains when an optimizer is given (with ``distill``: on the KD loss;
-    with ``cuda_graph``: as a replayed CUDA graph on one GPU, see ``Step``). Returns loss/accuracy.
+              progress: bool = False, step: Step | None = None) -> dict[str, float]:
+    """One pass over ``loader``; trains when an optimizer is given (with ``distill``: on the KD loss).
+    Returns loss/accuracy.
 
-    ``step``: a training ``Step`` the caller keeps across epochs (``RunContext.fit``), so that its graph
-    is captured once per stage, not once per epoch; its sums restart here, and the arguments that
-    would build one are not used."""
+    ``step``: a training ``Step`` the caller keeps across epochs (``RunContext.fit``: its CUDA graph is
+    captured once per stage, not once per epoch); its sums restart here, and the arguments that would
+    build one are not used."""
     own = step is None
     if own:
         step = Step(model, device, optimizer=optimizer, scheduler=scheduler, amp=amp, label_smoothing=label_smoothing,
-                    distill=distill, cuda_graph=cuda_graph, ddp_graph=ddp_graph)
+                    distill=distill)
     else:
         step.sums.zero_()  # in place: a captured graph adds into this tensor
     try:
